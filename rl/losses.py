@@ -1,0 +1,198 @@
+"""PPO losses as pure per-token functions, and the reductions that turn them into a scalar.
+
+Every loss here returns a per-token tensor (b, t) that is 0 where ``loss_mask`` is 0 (never
+NaN, whatever garbage sits in masked positions), plus per-token indicator tensors for metrics.
+Turning per-token values into the minibatch loss is a separate, named choice: ``reduce_loss``.
+
+Notation
+    logp      = log pi_theta(a_t | s_t)          current policy, (b, t)
+    logp_old  = log pi_old(a_t | s_t)            the policy that sampled (or its recomputation)
+    logp_ref  = log pi_ref(a_t | s_t)            the reference (initial) policy
+    rho       = exp(logp - logp_old)             importance ratio
+    A         = advantage, (b, t)
+    eps_low, eps_high                            ratio clip below / above 1 (clip-higher)
+    c         = dual-clip constant (> 1)
+    V, V_old, R = values, values at sampling time, return targets, (b, t)
+
+Policy (PPO, Schulman et al. 2017, arXiv:1707.06347, eq. 7; clip-higher with separate
+eps_low / eps_high from DAPO, Yu et al. 2025, arXiv:2503.14476, §3.1 "Clip-Higher"):
+    L_clip = max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high))
+Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement
+Learning", AAAI, arXiv:1912.09729, "dual-clip PPO"): for A < 0 the loss is further bounded
+by -c * A, so one token whose ratio exploded (stale or off-policy sample) cannot dominate the update:
+    L = min(L_clip, -c * A)   if A < 0,   L_clip otherwise.
+Value (clipped value loss of OpenAI baselines' PPO2; discussed in Engstrom et al. 2020,
+"Implementation Matters in Deep Policy Gradients", arXiv:2005.12729):
+    L_V = 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
+KL to the reference, estimated on the sampled token (Schulman 2020, "Approximating KL
+Divergence", http://joschu.net/blog/kl-approx.html), with log_r = logp_ref - logp:
+    k1 = -log_r,   k2 = 0.5 * log_r^2,   k3 = (exp(log_r) - 1) - log_r
+k1 is unbiased for KL(pi || pi_ref) but can be negative; k3 is unbiased and always >= 0;
+k2 is biased but low-variance.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Reduction = Literal["token_mean", "seq_mean_token_mean", "constant"]
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x where mask is 1, exactly 0 elsewhere (``where`` rather than ``*``: inf * 0 is NaN)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO surrogate with clip-higher and optional dual clip (module docstring).
+
+    Args:
+        logprobs:     (b, t) logp, with grad.
+        old_logprobs: (b, t) logp_old.
+        advantages:   (b, t) A.
+        loss_mask:    (b, t) 1 = action token.
+        clip_low, clip_high: eps_low, eps_high (>= 0).
+        dual_clip:    c > 1, or None for off.
+
+    Returns:
+        per_token_loss: (b, t), 0 where loss_mask is 0.
+        metrics: per-token float tensors (b, t), 0 where loss_mask is 0:
+            ``clipped_low``  1 where A < 0 and rho < 1 - eps_low (the clip took the gradient away),
+            ``clipped_high`` 1 where A > 0 and rho > 1 + eps_high,
+            ``dual_clipped`` 1 where the dual-clip bound -c * A was taken,
+            ``ratio``        rho,
+            ``approx_kl``    0.5 * (logp - logp_old)^2, a k2 estimate of the policy's drift.
+        The clip fraction is (clipped_low + clipped_high) summed and divided by the token count.
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (Ye et al. 2020), got {dual_clip}")
+    mask = loss_mask.bool()
+    log_ratio = _masked(logprobs - old_logprobs, mask)
+    ratio = torch.exp(log_ratio)
+    adv = _masked(advantages, mask)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(mask)
+    if dual_clip is not None:
+        bound = -dual_clip * adv
+        dual = (adv < 0) & (loss > bound)
+        loss = torch.where(dual, bound, loss)
+    f = logprobs.dtype
+    metrics = {
+        "clipped_low": ((adv < 0) & (ratio < 1.0 - clip_low) & mask).to(f),
+        "clipped_high": ((adv > 0) & (ratio > 1.0 + clip_high) & mask).to(f),
+        "dual_clipped": (dual & mask).to(f),
+        "ratio": _masked(ratio.detach(), mask),
+        "approx_kl": _masked(0.5 * log_ratio.detach() ** 2, mask),
+    }
+    return _masked(loss, mask), metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    value_clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss (module docstring).
+
+    Args:
+        values:     (b, t) V, with grad.
+        old_values: (b, t) V_old (the critic's values when the advantages were computed).
+        returns:    (b, t) R.
+        mask:       (b, t) 1 = a state whose value is trained.
+        value_clip: eps_v, or None for the plain 0.5 * (V - R)^2.
+
+    Returns:
+        per_token_loss: (b, t), 0 where mask is 0.
+        metrics: ``clipped`` (b, t) 1 where the clipped term was the larger one (its gradient
+        is 0 there), ``error`` (b, t) V - R.
+    """
+    m = mask.bool()
+    unclipped = (values - returns) ** 2
+    if value_clip is None:
+        loss = 0.5 * unclipped
+        clipped_ind = torch.zeros_like(m)
+    else:
+        v_clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+        clipped = (v_clipped - returns) ** 2
+        loss = 0.5 * torch.maximum(unclipped, clipped)
+        clipped_ind = clipped > unclipped
+    metrics = {
+        "clipped": (clipped_ind & m).to(values.dtype),
+        "error": _masked((values - returns).detach(), m),
+    }
+    return _masked(loss, m), metrics
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLEstimator = "k3") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate on the sampled token (module docstring).
+
+    logprobs (with grad), ref_logprobs: (b, t). Returns (b, t). Unmasked: pass 0 in both at
+    masked positions (the padding convention) and the result is 0 there.
+    """
+    log_r = ref_logprobs - logprobs
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r**2
+    if kind == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {kind!r}; use k1, k2 or k3")
+
+
+def reduction_normaliser(mode: Reduction, num_tokens: int, num_sequences: int, constant: float) -> float:
+    """The global divisor ``reduce_loss`` needs for ``mode``: the minibatch's action-token
+    count, its sequence count, or the constant."""
+    if mode == "token_mean":
+        return float(max(num_tokens, 1))
+    if mode == "seq_mean_token_mean":
+        return float(max(num_sequences, 1))
+    if mode == "constant":
+        return float(constant)
+    raise ValueError(f"unknown loss reduction {mode!r}")
+
+
+def reduce_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, mode: Reduction, normaliser: float) -> torch.Tensor:
+    """Reduce a per-token loss of one micro-batch to its share of the minibatch loss.
+
+    Args:
+        per_token: (b, t).
+        loss_mask: (b, t) 1 = counts.
+        mode:
+            ``token_mean``          sum over tokens / normaliser (= the minibatch's token count):
+                                    every token weighs the same (DAPO's token-level loss).
+            ``seq_mean_token_mean`` sum over sequences of each sequence's token mean /
+                                    normaliser (= the minibatch's sequence count): every
+                                    sequence weighs the same (the original GRPO).
+            ``constant``            sum over tokens / normaliser (a fixed constant; Dr. GRPO),
+                                    so the loss scale does not depend on lengths.
+        normaliser: the *global* divisor for the whole minibatch (``reduction_normaliser``).
+
+    Returns a 0-d tensor. Because each micro-batch divides by the global normaliser (and a
+    sequence never straddles micro-batches), the micro-batches' results sum to the value of the
+    whole minibatch reduced at once.
+    """
+    if normaliser <= 0:
+        raise ValueError(f"normaliser must be > 0, got {normaliser}")
+    mask = loss_mask.bool()
+    summed = _masked(per_token, mask)
+    if mode in ("token_mean", "constant"):
+        return summed.sum() / normaliser
+    if mode == "seq_mean_token_mean":
+        per_seq_count = mask.sum(dim=-1).clamp(min=1).to(per_token.dtype)
+        return (summed.sum(dim=-1) / per_seq_count).sum() / normaliser
+    raise ValueError(f"unknown loss reduction {mode!r}")

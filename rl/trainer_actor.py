@@ -1,0 +1,224 @@
+"""Ray wrappers of the trainer: one actor per data-parallel rank, and the driver-side group.
+
+``TrainerActor`` holds one ``DeepSpeedBackend`` rank in its own process. ``TrainerGroup`` (a
+plain class used by the driver) starts ``world_size`` of them, points them at one rendezvous
+address, splits each batch across them and puts the results back together, and itself
+implements ``rl.backend.TrainerBackend``, so the driver cannot tell one rank from many.
+
+Data-parallel contract
+----------------------
+- Samples are split by ``shard_by_tokens``: balanced by token count, deterministic (the same
+  batch always gives the same shards), every sample on exactly one rank.
+- ``loss_fn`` is the same closure on every rank (cloudpickled by Ray) and must already be
+  normalised for the *whole* batch (e.g. divided by the batch's total action tokens computed
+  on the driver before sharding): ranks' gradients are summed, not averaged.
+- ``train_step`` metrics are the ranks' sums added together; ``grad_norm`` and ``lr`` are
+  global already and come from rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+import torch
+
+from relayrl.config import OptimConfig, TrainerConfig
+from relayrl.rl.backend import LossFn, Role, Sample
+
+_GLOBAL_METRICS = ("grad_norm", "lr")
+
+
+def _get_all(refs: list) -> list:
+    """``ray.get`` of all ``refs``, raising the first failure at once: the other ranks may be
+    blocked in a collective waiting for the failed one, and would never finish."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)
+
+
+def shard_by_tokens(lengths: list[int], world_size: int) -> list[list[int]]:
+    """Split sample indices over ``world_size`` ranks with near-equal token counts.
+
+    Longest-processing-time greedy: samples longest first (ties by index) each go to the rank
+    with the fewest tokens so far (ties to the lowest rank). Each shard lists its indices in
+    increasing order. Deterministic for given lengths.
+    """
+    loads = [0] * world_size
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        shards[r].append(i)
+        loads[r] += lengths[i]
+    return [sorted(s) for s in shards]
+
+
+@ray.remote
+class TrainerActor:
+    """One data-parallel rank: a ``DeepSpeedBackend`` in its own process."""
+
+    def __init__(self, num_threads: int | None = None) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.backend = None
+        self.rank = 0
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a free port, for rank 0 to serve the process group on."""
+        from relayrl.rl.distributed import free_port
+
+        ip = ray.util.get_node_ip_address()
+        return ip, free_port(ip)
+
+    def init_backend(
+        self,
+        role: Role,
+        model_path: str,
+        trainer_cfg: TrainerConfig,
+        optim_cfg: OptimConfig | None,
+        dtype: str,
+        rank: int,
+        world_size: int,
+        seed: int,
+        master_addr: str,
+        master_port: int,
+    ) -> None:
+        from relayrl.rl.deepspeed_backend import DeepSpeedBackend
+
+        # Ray gives each actor its own GPU (CUDA_VISIBLE_DEVICES), so the local device is 0.
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0"
+        )
+        self.rank = rank
+        self.backend = DeepSpeedBackend(role, model_path, trainer_cfg, optim_cfg, dtype, rank, world_size, seed)
+
+    def forward_logprobs(self, samples: list[Sample], temperature: float) -> list[torch.Tensor]:
+        return self.backend.forward_logprobs(samples, temperature)
+
+    def forward_values(self, samples: list[Sample]) -> list[torch.Tensor]:
+        return self.backend.forward_values(samples)
+
+    def train_step(self, samples: list[Sample], loss_fn: LossFn, temperature: float) -> dict[str, float]:
+        return self.backend.train_step(samples, loss_fn, temperature)
+
+    def state_dict_for_engine(self) -> dict[str, torch.Tensor] | None:
+        # Every rank takes part (ZeRO-3 gathers); only rank 0 ships the weights back.
+        state = self.backend.state_dict_for_engine(on_this_rank=self.rank == 0)
+        return state if self.rank == 0 else None
+
+    def export_hf(self, path: str) -> None:
+        self.backend.export_hf(path)
+
+    def save(self, path: str) -> None:
+        self.backend.save(path)
+
+    def load(self, path: str) -> None:
+        self.backend.load(path)
+
+    def global_step(self) -> int:
+        return self.backend.global_step
+
+
+class TrainerGroup:
+    """``world_size`` ``TrainerActor`` ranks of one model, driven as one ``TrainerBackend``.
+
+    Args:
+        role, model_path, trainer_cfg, optim_cfg, dtype, seed: as for ``DeepSpeedBackend``.
+        world_size: ranks; default ``trainer_cfg.world_size``.
+        num_cpus_per_rank, num_gpus_per_rank: Ray resources of each actor (the actor's torch
+            uses ``num_cpus_per_rank`` threads).
+
+    Ray must be initialised (``ray.init``) by the caller.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        model_path: str,
+        trainer_cfg: TrainerConfig,
+        optim_cfg: OptimConfig | None = None,
+        dtype: str = "float32",
+        seed: int = 0,
+        world_size: int | None = None,
+        num_cpus_per_rank: float = 1,
+        num_gpus_per_rank: float = 0,
+    ) -> None:
+        self.role: Role = role
+        self.world_size = world_size or trainer_cfg.world_size
+        threads = max(1, int(num_cpus_per_rank))
+        self.actors = [
+            TrainerActor.options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank).remote(threads)
+            for _ in range(self.world_size)
+        ]
+        addr, port = ray.get(self.actors[0].rendezvous_address.remote())
+        _get_all(
+            [
+                actor.init_backend.remote(
+                    role, str(model_path), trainer_cfg, optim_cfg, dtype, rank, self.world_size, seed, addr, port
+                )
+                for rank, actor in enumerate(self.actors)
+            ]
+        )
+
+    def _shards(self, samples: list[Sample]) -> list[list[int]]:
+        return shard_by_tokens([int(s["tokens"].shape[0]) for s in samples], self.world_size)
+
+    def _gather_per_sample(self, samples: list[Sample], method: str, *args: Any) -> list[torch.Tensor]:
+        shards = self._shards(samples)
+        refs = [
+            getattr(actor, method).remote([samples[i] for i in shard], *args) for actor, shard in zip(self.actors, shards, strict=True)
+        ]
+        out: list[torch.Tensor | None] = [None] * len(samples)
+        for shard, results in zip(shards, _get_all(refs), strict=True):
+            for i, r in zip(shard, results, strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def forward_logprobs(self, samples: list[Sample], temperature: float = 1.0) -> list[torch.Tensor]:
+        return self._gather_per_sample(samples, "forward_logprobs", temperature)
+
+    def forward_values(self, samples: list[Sample]) -> list[torch.Tensor]:
+        return self._gather_per_sample(samples, "forward_values")
+
+    def train_step(self, samples: list[Sample], loss_fn: LossFn, temperature: float = 1.0) -> dict[str, float]:
+        shards = self._shards(samples)
+        fn_ref = ray.put(loss_fn)
+        per_rank = _get_all(
+            [
+                actor.train_step.remote([samples[i] for i in shard], fn_ref, temperature)
+                for actor, shard in zip(self.actors, shards, strict=True)
+            ]
+        )
+        merged: dict[str, float] = {}
+        for metrics in per_rank:
+            for k, v in metrics.items():
+                if k not in _GLOBAL_METRICS:
+                    merged[k] = merged.get(k, 0.0) + v
+        for k in _GLOBAL_METRICS:
+            merged[k] = per_rank[0][k]
+        return merged
+
+    def state_dict_for_engine(self) -> dict[str, torch.Tensor]:
+        return _get_all([a.state_dict_for_engine.remote() for a in self.actors])[0]
+
+    def export_hf(self, path: str) -> None:
+        _get_all([a.export_hf.remote(str(path)) for a in self.actors])
+
+    def save(self, path: str) -> None:
+        _get_all([a.save.remote(str(path)) for a in self.actors])
+
+    def load(self, path: str) -> None:
+        _get_all([a.load.remote(str(path)) for a in self.actors])
+
+    @property
+    def global_step(self) -> int:
+        return ray.get(self.actors[0].global_step.remote())
+
+    def shutdown(self) -> None:
+        """Kill the actors (their process group goes with them)."""
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

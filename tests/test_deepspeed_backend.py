@@ -1,0 +1,352 @@
+"""The DeepSpeed trainer backend on CPU (gloo, one process; one Ray test with two ranks).
+
+Invariances checked: micro-batch 1 x 8 == 8 x 1 (and token packing), ZeRO-0 == ZeRO-2 ==
+ZeRO-3, one rank == two ranks, and an interrupted run (save, load) == an uninterrupted one.
+Optimizer settings in the update tests: AdamW's first step moves a weight by
+``lr * g / (|g| + eps)``; with ``eps = 1e-3`` that is Lipschitz in ``g`` with constant
+``lr / eps = 1``, so float noise in ``g`` (~1e-8) stays ~1e-8 in the weights, while a wrongly
+scaled gradient (say 1/8 of it) moves weights by ~1e-4: the 1e-6 tolerance tells them apart.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from relayrl.config import OptimConfig, TrainerConfig
+from relayrl.model import make_tiny_model
+from relayrl.rl import deepspeed_backend
+from relayrl.rl.backend import TrainerBackend
+from relayrl.rl.deepspeed_backend import (
+    DeepSpeedBackend,
+    collate,
+    plan_micro_batches,
+    token_logprobs_and_entropy,
+)
+
+LENGTHS = [7, 12, 3, 9, 5, 11, 4, 8]
+OPTIM = OptimConfig(lr=1e-3, eps=1e-3, grad_clip=None)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=32, intermediate_size=64)
+
+
+def make_samples(lengths, seed=0, vocab=(8, 40)):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        tokens = torch.randint(*vocab, (n,), generator=g)
+        loss_mask = torch.zeros(n, dtype=torch.int64)
+        loss_mask[min(2, n - 1) :] = 1  # a 2-token "prompt", then actions
+        out.append({"tokens": tokens, "loss_mask": loss_mask})
+    return out
+
+
+def token_mean_nll(samples):
+    """-mean log p over the action tokens of the whole batch (the global normaliser)."""
+    n_tokens = sum(int(s["loss_mask"].sum()) for s in samples)
+
+    def loss_fn(outputs, mb):
+        mask = mb["loss_mask"].to(outputs["logprobs"].dtype)
+        loss = -(outputs["logprobs"] * mask).sum() / n_tokens
+        return loss, {"nll": loss.item()}
+
+    return loss_fn
+
+
+def backend(path, stage=0, mbs=8, max_tokens=None, optim=OPTIM, role="policy", **kw):
+    cfg = TrainerConfig(zero_stage=stage, micro_batch_size=mbs, max_tokens_per_micro_batch=max_tokens)
+    return DeepSpeedBackend(role, path, cfg, optim, **kw)
+
+
+def weights(b):
+    return b.state_dict_for_engine()
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_plan_micro_batches_by_count_and_by_tokens():
+    lengths = [3, 10, 5, 10, 2]
+    # Longest first, stable: order 1, 3, 2, 0, 4.
+    assert plan_micro_batches(lengths, 2) == [[1, 3], [2, 0], [4]]
+    # Budget 20 tokens, padded size = count * longest: [10,10] = 20; [5,3,2] = 15; nothing else fits.
+    assert plan_micro_batches(lengths, 1, max_tokens_per_micro_batch=20) == [[1, 3], [2, 0, 4]]
+    # A sample longer than the budget gets a micro-batch of its own.
+    assert plan_micro_batches([40, 3], 8, max_tokens_per_micro_batch=16) == [[0], [1]]
+
+
+def test_collate_right_pads_with_zeros():
+    mb = collate([{"tokens": torch.tensor([5, 6, 7]), "adv": torch.tensor([0.5, 1.0, 2.0])},
+                  {"tokens": torch.tensor([9]), "adv": torch.tensor([3.0])}])
+    assert mb["tokens"].tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert mb["adv"].tolist() == [[0.5, 1.0, 2.0], [3.0, 0.0, 0.0]]
+    assert mb["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="one value per token"):
+        collate([{"tokens": torch.tensor([1, 2]), "adv": torch.tensor([1.0])}])
+
+
+def test_token_logprobs_and_entropy_hand_worked():
+    # Vocabulary of 2. Position 0 predicts token 1 with logits [0, ln 3]: p = [1/4, 3/4].
+    # Position 1 predicts token 0 with logits [ln 2, 0]: p = [2/3, 1/3]. Position 2 predicts nothing.
+    logits = torch.tensor([[[0.0, math.log(3)], [math.log(2), 0.0], [5.0, -5.0]]])
+    tokens = torch.tensor([[1, 1, 0]])
+    lp, ent = token_logprobs_and_entropy(logits, tokens)
+    h = lambda *p: -sum(q * math.log(q) for q in p)  # noqa: E731
+    assert lp[0].tolist() == pytest.approx([0.0, math.log(3 / 4), math.log(2 / 3)], abs=1e-6)
+    assert ent[0].tolist() == pytest.approx([0.0, h(1 / 4, 3 / 4), h(2 / 3, 1 / 3)], abs=1e-6)
+    # Temperature 2 halves the logits: [0, ln 3 / 2] gives p(1) = sqrt 3 / (1 + sqrt 3).
+    lp2, _ = token_logprobs_and_entropy(logits, tokens, temperature=2.0)
+    assert lp2[0, 1].item() == pytest.approx(math.log(math.sqrt(3) / (1 + math.sqrt(3))), abs=1e-6)
+
+
+def test_token_logprobs_chunked_equals_direct_with_grad(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64).requires_grad_()
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    weights_lp, weights_ent = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+
+    def direct():
+        logp = torch.log_softmax(logits.float() / 0.7, -1)
+        lp = logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1)[:, :-1]
+        pad = torch.zeros(3, 1)
+        return torch.cat([pad, lp], 1), torch.cat([pad, ent], 1)
+
+    ref_lp, ref_ent = direct()
+    (ref_grad,) = torch.autograd.grad((ref_lp * weights_lp).sum() + (ref_ent * weights_ent).sum(), logits)
+    monkeypatch.setattr(deepspeed_backend, "_CHUNK_BYTES", 4 * 11 * 4)  # 4 rows per chunk: 4 chunks of 15 rows
+    lp, ent = token_logprobs_and_entropy(logits, tokens, temperature=0.7)
+    (grad,) = torch.autograd.grad((lp * weights_lp).sum() + (ent * weights_ent).sum(), logits)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp, ref_lp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+def test_forward_logprobs_equals_hand_computation_from_hf_logits(tiny):
+    b = backend(tiny, stage=2, mbs=3)
+    assert isinstance(b, TrainerBackend)
+    samples = make_samples(LENGTHS)
+    got = b.forward_logprobs(samples, temperature=0.7)
+    hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    for s, lp in zip(samples, got, strict=True):
+        with torch.no_grad():
+            logits = hf(input_ids=s["tokens"][None]).logits[0]  # one unpadded sequence
+        logp = torch.log_softmax(logits / 0.7, -1)
+        want = torch.zeros(len(s["tokens"]))
+        for i in range(1, len(s["tokens"])):
+            want[i] = logp[i - 1, s["tokens"][i]]
+        assert lp.shape == s["tokens"].shape and lp.dtype == torch.float32
+        assert lp[0].item() == 0.0
+        torch.testing.assert_close(lp, want, atol=2e-6, rtol=0)
+
+
+def _two_steps(tiny, stage, mbs, max_tokens=None, grad_ckpt=False):
+    """Two optimizer steps of different sizes (8 then 5 sequences); weights and metrics."""
+    cfg = TrainerConfig(zero_stage=stage, micro_batch_size=mbs, max_tokens_per_micro_batch=max_tokens, gradient_checkpointing=grad_ckpt)
+    b = DeepSpeedBackend("policy", tiny, cfg, OPTIM)
+    s1, s2 = make_samples(LENGTHS, seed=1), make_samples(LENGTHS[:5], seed=2)
+    m1 = b.train_step(s1, token_mean_nll(s1))
+    m2 = b.train_step(s2, token_mean_nll(s2))
+    return weights(b), (m1, m2)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny):
+    return _two_steps(tiny, stage=0, mbs=8)
+
+
+@pytest.mark.parametrize(
+    "stage,mbs,max_tokens,grad_ckpt",
+    [(0, 1, None, False), (2, 3, None, False), (2, 8, None, False), (3, 1, None, False), (0, 8, 24, False), (3, 3, None, True)],
+    ids=["zero0-mb1", "zero2-mb3", "zero2-mb8", "zero3-mb1", "zero0-tokens24", "zero3-mb3-gradckpt"],
+)
+def test_update_is_invariant_to_micro_batching_and_zero_stage(tiny, reference_run, stage, mbs, max_tokens, grad_ckpt):
+    ref_w, (ref1, ref2) = reference_run
+    w, (m1, m2) = _two_steps(tiny, stage, mbs, max_tokens, grad_ckpt)
+    init = AutoModelForCausalLM.from_pretrained(tiny).state_dict()
+    assert max_diff(ref_w, init) > 5e-4  # training moved the weights
+    assert max_diff(w, ref_w) < 1e-6
+    for m, ref in ((m1, ref1), (m2, ref2)):
+        assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-6)
+        assert m["nll"] == pytest.approx(ref["nll"], rel=1e-6)
+        assert m["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    expected_mb = {1: 8, 3: 3, 8: 1}[mbs] if max_tokens is None else None
+    if expected_mb is not None:
+        assert m1["num_micro_batches"] == expected_mb
+
+
+def test_grad_clip_and_warmup(tiny):
+    # eps = 1 puts AdamW's first step in its near-linear regime, update = lr * g / (|g| + 1), so
+    # the clip shows in the weights. Clipping to norm 0.5 must equal an unclipped run on the loss
+    # scaled by hand by 0.5 / grad_norm; without the clip the update would be 2x larger or more.
+    samples = make_samples(LENGTHS)
+    base = token_mean_nll(samples)
+    init = weights(backend(tiny))
+    clipped = backend(tiny, optim=OptimConfig(lr=0.1, eps=1.0, grad_clip=0.5, warmup_steps=4))
+    m = clipped.train_step(samples, base)
+    assert m["lr"] == pytest.approx(0.1 / 4)  # step 0 of a 4-step warm-up: lr * 1/4
+    assert m["grad_norm"] > 1.0  # the clip is active and halves the gradient at least
+    scale = 0.5 / m["grad_norm"]
+    scaled = backend(tiny, optim=OptimConfig(lr=0.1 / 4, eps=1.0, grad_clip=None))
+    m_scaled = scaled.train_step(samples, lambda o, mb: (base(o, mb)[0] * scale, {}))
+    assert m_scaled["grad_norm"] == pytest.approx(0.5, rel=1e-5)
+    assert max_diff(weights(clipped), init) > 1e-4
+    assert max_diff(weights(clipped), weights(scaled)) < 1e-6
+    m2 = clipped.train_step(samples, base)
+    assert m2["lr"] == pytest.approx(0.1 * 2 / 4)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_save_then_load_resumes_bit_identically(tiny, tmp_path, stage):
+    optim = OptimConfig(lr=1e-3, warmup_steps=3, weight_decay=0.1)
+    steps = [make_samples(LENGTHS[: 8 - k], seed=10 + k) for k in range(3)]
+    a = backend(tiny, stage=stage, mbs=3, optim=optim)
+    for s in steps[:2]:
+        a.train_step(s, token_mean_nll(s))
+    a.save(tmp_path / "ckpt")
+    rng_after_save = torch.rand(4)
+    m_a = a.train_step(steps[2], token_mean_nll(steps[2]))
+    w1 = weights(a)
+
+    b = backend(tiny, stage=stage, mbs=3, optim=optim, seed=123)
+    b.load(tmp_path / "ckpt")
+    assert torch.equal(torch.rand(4), rng_after_save)  # RNG streams restored
+    assert b.global_step == 2
+    m_b = b.train_step(steps[2], token_mean_nll(steps[2]))
+    w2 = weights(b)
+    assert m_b["lr"] == m_a["lr"] == pytest.approx(1e-3)  # warm-up finished at step 3
+    assert m_b["grad_norm"] == m_a["grad_norm"]
+    assert max_diff(w1, w2) == 0.0
+    # The saved hf/ directory is a plain checkpoint of the step-2 weights.
+    assert (tmp_path / "ckpt" / "hf" / "model.safetensors").is_file()
+
+
+def test_incomplete_or_occupied_checkpoint_paths_are_refused(tiny, tmp_path):
+    b = backend(tiny, stage=0)
+    partial = tmp_path / ".ckpt.partial"  # what a save killed before its rename leaves
+    partial.mkdir()
+    (partial / "rng_rank0.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="not a complete backend checkpoint"):
+        b.load(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="not a complete backend checkpoint"):
+        b.load(partial)
+    b.save(tmp_path / "ckpt")  # clears the stale partial directory
+    assert not partial.exists()
+    with pytest.raises(FileExistsError):
+        b.save(tmp_path / "ckpt")
+    critic = backend(tiny, stage=0, role="critic")
+    with pytest.raises(ValueError, match="role"):
+        critic.load(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_state_dict_for_engine_and_export_hf_round_trip(tiny, tmp_path, stage):
+    hf_init = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    b = backend(tiny, stage=stage, mbs=4)
+    sd = b.state_dict_for_engine()
+    want = hf_init.state_dict()
+    assert list(sd) == sorted(want)  # HF names, lm_head.weight (tied) included
+    for k, v in sd.items():
+        assert v.device.type == "cpu" and v.is_contiguous() and v.shape == want[k].shape
+        assert torch.equal(v, want[k])
+
+    samples = make_samples(LENGTHS)
+    b.train_step(samples, token_mean_nll(samples))
+    b.export_hf(tmp_path / "export")
+    b.export_hf(tmp_path / "export")  # a second export replaces the first
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    trained = b.state_dict_for_engine()
+    assert max_diff(trained, reloaded.state_dict()) == 0.0
+    assert max_diff(trained, want) > 1e-4
+    got = b.forward_logprobs(samples)
+    with torch.no_grad():
+        for s, lp in zip(samples, got, strict=True):
+            logits = reloaded(input_ids=s["tokens"][None]).logits
+            want_lp, _ = token_logprobs_and_entropy(logits, s["tokens"][None])
+            torch.testing.assert_close(lp, want_lp[0], atol=2e-6, rtol=0)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "export").encode("w1 w2") == AutoTokenizer.from_pretrained(tiny).encode("w1 w2")
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_reference_save_load_restores_its_weights(tiny, tmp_path, stage):
+    other = make_tiny_model(tmp_path / "other", hidden_size=32, intermediate_size=64, seed=1)
+    a = backend(tiny, stage=stage, role="reference")
+    a.save(tmp_path / "ref")
+    b = backend(other, stage=stage, role="reference")
+    samples = make_samples(LENGTHS[:3])
+    want = a.forward_logprobs(samples)
+    assert max((x - y).abs().max().item() for x, y in zip(b.forward_logprobs(samples), want)) > 1e-2
+    b.load(tmp_path / "ref")
+    for x, y in zip(b.forward_logprobs(samples), want, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_reference_is_frozen_and_scores_like_the_policy(tiny):
+    ref = backend(tiny, stage=2, role="reference")
+    pol = backend(tiny, stage=2)
+    samples = make_samples(LENGTHS[:3])
+    for a, b in zip(ref.forward_logprobs(samples), pol.forward_logprobs(samples), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="frozen"):
+        ref.train_step(samples, token_mean_nll(samples))
+    with pytest.raises(ValueError, match="critic"):
+        pol.forward_values(samples)
+
+
+@pytest.mark.slow
+def test_two_ranks_through_ray_equal_one_rank(tiny, tmp_path):
+    import ray
+
+    from relayrl.rl.trainer_actor import TrainerGroup, shard_by_tokens
+
+    # Hand-worked sharding: longest first, each to the lighter rank (ties to rank 0):
+    # 12->r0 [12,0]; 11->r1 [12,11]; 9->r1 [12,20]; 8->r0 [20,20]; 7->r0 [27,20]; 5->r1 [27,25];
+    # 4->r1 [27,29]; 3->r0 [30,29]. Indices: r0 = {1,7,0,2}, r1 = {5,3,4,6}.
+    assert shard_by_tokens(LENGTHS, 2) == [[0, 1, 2, 7], [3, 4, 5, 6]]
+    cfg = TrainerConfig(zero_stage=2, micro_batch_size=2)
+    # Step 2 (5 samples) gives rank 0 one micro-batch and rank 1 two; step 3 (one sample) gives
+    # rank 1 none: the short rank runs zero-loss passes to stay in the collectives.
+    steps = [make_samples(LENGTHS, seed=1), make_samples(LENGTHS[:5], seed=2), make_samples([6], seed=3)]
+    one = DeepSpeedBackend("policy", tiny, cfg, OPTIM)
+    want_lp = one.forward_logprobs(steps[0])
+    want = [one.train_step(s, token_mean_nll(s)) for s in steps]
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        group = TrainerGroup("policy", str(tiny), cfg, OPTIM, world_size=2)
+        assert isinstance(group, TrainerBackend)
+        for a, b in zip(group.forward_logprobs(steps[0]), want_lp, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+        got = [group.train_step(s, token_mean_nll(s)) for s in steps[:2]]
+        group.save(str(tmp_path / "ckpt"))
+        got.append(group.train_step(steps[2], token_mean_nll(steps[2])))
+        for m, ref in zip(got, want, strict=True):
+            assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-6)
+            assert m["nll"] == pytest.approx(ref["nll"], rel=1e-6)
+        w1 = group.state_dict_for_engine()
+        assert max_diff(w1, weights(one)) < 1e-6
+        group.load(str(tmp_path / "ckpt"))
+        group.train_step(steps[2], token_mean_nll(steps[2]))
+        assert max_diff(group.state_dict_for_engine(), w1) == 0.0
+        group.shutdown()
+    finally:
+        if started:
+            ray.shutdown()

@@ -71,7 +71,7 @@ class EngineConfig(_Section):
     max_seq_len: int = Field(2048, ge=16)
     """Longest prompt + completion the engine accepts (KV cache size per sequence)."""
     num_threads: int | None = None
-    """torch intra-op threads of a CPU engine; None = leave torch's default."""
+    """torch intra-op threads of a CPU engine; None = all cores."""
     host: str = "127.0.0.1"
     """Interface the engine servers bind to."""
     request_timeout_s: float = Field(600.0, gt=0)
@@ -187,6 +187,9 @@ class TrainerConfig(_Section):
     """Sequences per forward/backward; gradients accumulate up to the minibatch."""
     max_tokens_per_micro_batch: int | None = Field(None, ge=16)
     """If set, micro-batches are packed by token count instead of sequence count."""
+    num_threads: int | None = None
+    """torch intra-op threads per trainer process on CPU; None = all cores (the trainers and
+    the engine take turns in on-policy mode)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     policy: OptimConfig = OptimConfig()

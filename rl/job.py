@@ -35,8 +35,12 @@ from .trainer_actor import TrainerGroup
 BufferActor = ray.remote(Buffer)
 
 
-def _run_async(coro):
-    return asyncio.run(coro)
+async def _update_engines(urls: list[str], path: str, version: int, timeout_s: float) -> None:
+    client = HttpEngineClient(urls, timeout_s=timeout_s)
+    try:
+        await client.update_weights(path, version)
+    finally:
+        await client.close()
 
 
 def rollout_metrics(groups: list[list[Trajectory]], subs: list[SubTrace]) -> dict[str, float]:
@@ -116,7 +120,11 @@ class Job:
         self.model_path = str(resolve_model_path(self.cfg.model.path, self.cfg.model.cache_dir))
         self.env_factory = make_env_factory(self.cfg.env)
         make_parser(self.cfg.rollout.parser)
-        env_cls = type(self.env_factory())
+        try:
+            env_cls = type(self.env_factory())
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"env.kwargs: the environment {self.cfg.env.name!r} rejected its arguments "
+                              f"{self.cfg.env.kwargs}: {e}. Fix env.kwargs.") from None
         self.tasks = load_tasks(self.cfg.env, env_cls, self.cfg.run.seed)
         if self.cfg.trainer.backend != "deepspeed":
             raise ConfigError("trainer.backend: only 'deepspeed' is available in this version")
@@ -148,11 +156,14 @@ class Job:
         if cfg.engine.kind == "cpu":
             from relayrl.rollout.engine_actor import launch_cpu_engines
 
-            self._engine_actors, urls = launch_cpu_engines(cfg.engine, self.model_path)
+            # On one box Ray's CPU accounting would serialise engine and trainers, which take turns
+            # anyway; they reserve no CPU and set their own thread counts instead.
+            engine_cfg = cfg.engine.model_copy(update={"num_threads": cfg.engine.num_threads or os.cpu_count()})
+            self._engine_actors, urls = launch_cpu_engines(engine_cfg, self.model_path, num_cpus_per_engine=0,
+                                                           seed=cfg.run.seed)
         else:
             urls = list(cfg.engine.urls)
         self.engine_urls = urls
-        self.engine_client = HttpEngineClient(urls, timeout_s=cfg.engine.request_timeout_s)
 
         self.buffer = BufferActor.options(num_cpus=0).remote(
             str(self.run_dir), cfg.rollout.group_size, cfg.rollout.max_weight_lag)
@@ -163,13 +174,16 @@ class Job:
         ]
 
         tc = cfg.trainer
-        self.policy = TrainerGroup("policy", self.model_path, tc, tc.policy, cfg.model.dtype, seed=cfg.run.seed)
+        place = {"num_cpus_per_rank": 0, "num_threads": tc.num_threads or os.cpu_count()}
+        self.policy = TrainerGroup("policy", self.model_path, tc, tc.policy, cfg.model.dtype, seed=cfg.run.seed, **place)
         if cfg.algorithm.estimator == "gae":
             critic_path = str(resolve_model_path(cfg.model.critic_path, cfg.model.cache_dir)) \
                 if cfg.model.critic_path else self.model_path
-            self.critic = TrainerGroup("critic", critic_path, tc, tc.critic, cfg.model.dtype, seed=cfg.run.seed + 1)
+            self.critic = TrainerGroup("critic", critic_path, tc, tc.critic, cfg.model.dtype,
+                                       seed=cfg.run.seed + 1, **place)
         if cfg.algorithm.kl_coef > 0:
-            self.reference = TrainerGroup("reference", self.model_path, tc, tc.policy, cfg.model.dtype, seed=cfg.run.seed)
+            self.reference = TrainerGroup("reference", self.model_path, tc, tc.policy, cfg.model.dtype,
+                                          seed=cfg.run.seed, **place)
 
         held: set[str] = set()
         if cfg.run.resume:
@@ -232,7 +246,7 @@ class Job:
         assert self._weights_dir is not None
         path = self._weights_dir / f"v{version:06d}"
         self.policy.export_hf(str(path))
-        _run_async(self.engine_client.update_weights(str(path), version))
+        asyncio.run(_update_engines(self.engine_urls, str(path), version, self.cfg.engine.request_timeout_s))
         for old in self._weights_dir.glob("v*"):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)

@@ -128,8 +128,8 @@ class TrainerGroup:
     Args:
         role, model_path, trainer_cfg, optim_cfg, dtype, seed: as for ``DeepSpeedBackend``.
         world_size: ranks; default ``trainer_cfg.world_size``.
-        num_cpus_per_rank, num_gpus_per_rank: Ray resources of each actor (the actor's torch
-            uses ``num_cpus_per_rank`` threads).
+        num_cpus_per_rank, num_gpus_per_rank: Ray resources of each actor.
+        num_threads: torch threads of each actor; default ``num_cpus_per_rank``.
 
     Ray must be initialised (``ray.init``) by the caller.
     """
@@ -145,10 +145,11 @@ class TrainerGroup:
         world_size: int | None = None,
         num_cpus_per_rank: float = 1,
         num_gpus_per_rank: float = 0,
+        num_threads: int | None = None,
     ) -> None:
         self.role: Role = role
         self.world_size = world_size or trainer_cfg.world_size
-        threads = max(1, int(num_cpus_per_rank))
+        threads = num_threads or max(1, int(num_cpus_per_rank))
         self.actors = [
             TrainerActor.options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank).remote(threads)
             for _ in range(self.world_size)

@@ -44,15 +44,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def test_critic_ppo_learns_the_toy_env(tmp_path, tiny_model_dir):
-    """Mean reward rises from near chance (~1/16 per turn) to >= 0.8 (seeded)."""
-    cfg = load_config(None, tiny_overrides(tmp_path, tiny_model_dir, "learn") + ["train.steps=40", "train.save_every=40"])
+    """Mean reward rises from near chance to >= 0.85 in 30 steps (seeded).
+
+    A random policy's first word matches the target with probability about 1/20 (the vocabulary),
+    so the first steps score ~0.05-0.1; a policy that learned to copy the word of each turn
+    scores 1.0. Seen here: 0.07 at step 1, 0.97 from step 23 on."""
+    cfg = load_config(None, tiny_overrides(tmp_path, tiny_model_dir, "learn")
+                      + ["train.steps=30", "train.save_every=30",
+                         "algorithm.num_minibatches=4", "algorithm.ppo_epochs=2"])
     run_dir = train(cfg)
     rewards = [m["reward/mean"] for m in read_metrics(run_dir)]
-    assert len(rewards) == 40
-    assert rewards[0] < 0.35, rewards[:3]
-    assert sum(rewards[-5:]) / 5 >= 0.8, rewards
+    assert len(rewards) == 30
+    assert rewards[0] < 0.2, rewards[:3]
+    assert sum(rewards[-5:]) / 5 >= 0.85, rewards
     # The final policy is an HF checkpoint.
-    assert (run_dir / "checkpoints" / "step_000040" / "policy" / "config.json").is_file()
+    assert (run_dir / "checkpoints" / "step_000030" / "policy" / "hf" / "config.json").is_file()
 
 
 LEARNING_KEYS_SKIP = ("time/", "perf/")
@@ -66,7 +72,7 @@ def test_deterministic_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
     split = train(load_config(None, base + ["run.name=split", "train.steps=4", "run.resume=true"]))
 
     def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-        return load_file(str(run_dir / "checkpoints" / "step_000004" / "policy" / "model.safetensors"))
+        return load_file(str(run_dir / "checkpoints" / "step_000004" / "policy" / "hf" / "model.safetensors"))
 
     wa, wb = weights(full), weights(split)
     assert wa.keys() == wb.keys()

@@ -85,3 +85,27 @@ def test_deterministic_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
             if k.startswith(LEARNING_KEYS_SKIP) or k.startswith("buffer/"):
                 continue
             assert b[k] == pytest.approx(v, abs=1e-6), (a["step"], k)
+
+
+def test_async_resume_loses_no_trajectory_and_repeats_no_step(tmp_path, tiny_model_dir):
+    """max_weight_lag=1: the next step's episodes run while the trainer works. A run stopped
+    after step 2 leaves finished-but-untrained trajectories (and killed in-flight ones); the
+    resumed run trains on every one of them and continues the optimizer step count."""
+    base = tiny_overrides(tmp_path, tiny_model_dir, "async") + [
+        "rollout.max_weight_lag=1", "rollout.tasks_per_step=8", "train.save_every=1"]
+    first = train(load_config(None, base + ["train.steps=2"]))
+    ckpt2 = json.loads((first / "checkpoints" / "step_000002" / "state.json").read_text())
+    finished = [json.loads(line)["trajectory"]["trajectory_id"]
+                for line in (first / "rollouts" / "finished.jsonl").read_text().splitlines()]
+    left_over = set(finished) - set(ckpt2["consumed"])
+    assert left_over, "the look-ahead step should have finished episodes before the stop"
+
+    train(load_config(None, base + ["train.steps=4", "run.resume=true"]))
+    final = json.loads((first / "checkpoints" / "step_000004" / "state.json").read_text())
+    consumed = final["consumed"]
+    assert left_over <= set(consumed)  # nothing finished was lost
+    assert len(consumed) == len(set(consumed)) == 4 * 8  # each slot trained exactly once
+    steps = [m["step"] for m in read_metrics(first)]
+    assert steps == [1, 2, 3, 4]
+    backend = json.loads((first / "checkpoints" / "step_000004" / "policy" / "relayrl_backend.json").read_text())
+    assert backend["global_step"] == 4  # one optimizer step per training step: none repeated

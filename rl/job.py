@@ -68,6 +68,16 @@ def rollout_metrics(groups: list[list[Trajectory]], subs: list[SubTrace]) -> dic
     return out
 
 
+def quiet_env() -> dict[str, str]:
+    """Environment for actors: no per-file progress bars or advisory warnings from libraries in
+    the middle of relayrl's own progress display."""
+    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"  # say it, rather than have DeepSpeed warn that it guessed
+    return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
 def _weights_root(run_name: str) -> Path:
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
@@ -137,7 +147,7 @@ class Job:
             self._own_ray = False
             return
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
-                                  "configure_logging": False}
+                                  "configure_logging": False, "runtime_env": {"env_vars": quiet_env()}}
         if self.cfg.ray.address:
             kwargs["address"] = self.cfg.ray.address
         elif self.cfg.ray.num_cpus is not None:
@@ -262,6 +272,7 @@ class Job:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         assert self.logger is not None
+        self.logger.add_rollouts(int(metrics.get("rollout/trajectories", 0)))
         self.logger.log(step, metrics)
 
     def checkpoint(self, metrics: dict[str, float]) -> Path:

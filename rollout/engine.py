@@ -23,6 +23,9 @@ class SamplingParams:
 
     seed: per-request sampling seed; with the same logits the same tokens are drawn whatever
         else the engine is batching (needed for deterministic runs). None = engine RNG.
+    temperature: 0 means greedy (argmax); its logprobs are then those of temperature 1.
+    ignore_eos: keep sampling past the model's EOS token(s). Like SGLang, an engine stops at the
+        model's EOS by default, in addition to ``stop_token_ids``.
     """
 
     max_new_tokens: int = 128
@@ -31,6 +34,7 @@ class SamplingParams:
     top_k: int = -1
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False
 
     def to_sglang(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -42,6 +46,7 @@ class SamplingParams:
             # Keep stop tokens in the output: the trainer must see exactly what was sampled.
             "no_stop_trim": True,
             "skip_special_tokens": False,
+            "ignore_eos": self.ignore_eos,
         }
         if self.seed is not None:
             d["sampling_seed"] = int(self.seed)
@@ -56,7 +61,20 @@ class SamplingParams:
             top_k=int(d.get("top_k", -1)),
             stop_token_ids=[int(t) for t in d.get("stop_token_ids") or []],
             seed=None if d.get("sampling_seed") is None else int(d["sampling_seed"]),
+            ignore_eos=bool(d.get("ignore_eos", False)),
         )
+
+
+class EngineError(RuntimeError):
+    """An engine could not serve a request: bad input (a prompt longer than the context), a dead
+    or unreachable server, a timeout, a failed weight update.
+
+    url: the server that failed, or None for an in-process engine.
+    """
+
+    def __init__(self, message: str, url: str | None = None) -> None:
+        super().__init__(f"{url}: {message}" if url else message)
+        self.url = url
 
 
 @dataclass

@@ -1,0 +1,460 @@
+"""A lean decoder-only transformer forward for the Llama family, written for CPU inference.
+
+Covers Llama (1/2/3, incl. ``llama3`` rope scaling), Qwen2 (bias on q/k/v) and Qwen3 (RMSNorm on
+q and k per head), loaded straight from an HF checkpoint directory (``config.json`` +
+``*.safetensors``). No HF modeling code runs here; ``tests/test_engine.py`` checks every path
+against HF ``*ForCausalLM`` on tiny random models.
+
+Three entry points, all under ``torch.inference_mode``:
+
+- ``prefill(prompts, slots)``: packed forward of several prompts; writes their keys/values into
+  the per-slot KV cache and returns the logits of each prompt's last token.
+- ``decode(tokens, positions)``: one token for each of the ``n`` active slots ``0..n-1`` at once,
+  each at its own position; attention reads the cache up to the longest active length with a
+  per-slot length mask.
+- ``forward(token_ids)``: the simple reference: a full-sequence causal forward, no cache. Used to
+  score sequences and, in tests, as the reference the cached paths must equal.
+
+Notation: L layers, H query heads, Hkv key/value heads, G = H / Hkv (GQA group size), D head
+dim, E hidden size, I MLP size, V vocab, B max batch (slots), S max sequence length.
+
+Why fused weights: q/k/v are one ``[(H + 2 Hkv) D, E]`` matrix and gate/up one ``[2 I, E]``
+matrix, so a decode step does 4 GEMMs per layer instead of 7 (fewer Python dispatches, better
+GEMM shapes on a CPU).
+
+Why compact slots: the engine keeps active sequences in slots ``0..n-1`` (a finishing sequence's
+slot is filled by moving the last one into it, ``move_slot``), so attention reads a plain view
+``cache[l, :n, :, :len]`` instead of gathering scattered slots every layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    """The architecture numbers of a checkpoint, read from its HF ``config.json``.
+
+    qkv_bias: q/k/v projections have a bias (Qwen2 always; Llama/Qwen3 if ``attention_bias``).
+    o_bias: the output projection has a bias (Llama/Qwen3 ``attention_bias``; never Qwen2).
+    mlp_bias: gate/up/down have a bias (Llama ``mlp_bias``).
+    qk_norm: RMSNorm over the head dim on q and k before RoPE (Qwen3).
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "LlamaSpec":
+        """Read an HF config dict; raise ValueError naming the field for anything unsupported."""
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"config.json model_type={model_type!r}: the CPU engine supports "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}; serve this model with SGLang (engine.kind=sglang)."
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json hidden_act={cfg['hidden_act']!r}: only 'silu' is supported.")
+        if cfg.get("use_sliding_window") or (model_type == "mistral" and cfg.get("sliding_window")):
+            raise ValueError("config.json: sliding-window attention is not supported by the CPU engine.")
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        theta, scaling = _rope_config(cfg)
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=None if scaling is None else tuple(sorted(scaling.items())),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        )
+
+
+def _rope_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, llama3 scaling params or None) from either config layout.
+
+    transformers >= 5 writes ``rope_parameters: {rope_theta, rope_type, ...}``; older checkpoints
+    write ``rope_theta`` and ``rope_scaling: {type|rope_type, ...}``.
+    """
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ValueError("config.json partial_rotary_factor != 1 is not supported by the CPU engine.")
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in need if k not in params]
+        if missing:
+            raise ValueError(f"config.json llama3 rope scaling is missing {missing}.")
+        return theta, {k: float(params[k]) for k in need}
+    raise ValueError(
+        f"config.json rope scaling type {rope_type!r} is not supported by the CPU engine "
+        "(supported: default, llama3). Serve this model with SGLang (engine.kind=sglang)."
+    )
+
+
+def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
+    """Inverse frequencies ``[D/2]`` (float32), with llama3 scaling if configured.
+
+    RoFormer (Su et al. 2021, eq. 15): theta_i = base^(-2i/D). Llama 3.1 scaling: wavelengths
+    longer than original_len/low_freq_factor are stretched by ``factor``, shorter than
+    original_len/high_freq_factor are kept, and the band between is interpolated linearly in
+    ``original_len / wavelength``.
+    """
+    d = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if spec.rope_scaling is None:
+        return inv_freq
+    p = dict(spec.rope_scaling)
+    factor, low, high, orig = p["factor"], p["low_freq_factor"], p["high_freq_factor"], p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    interpolated = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return torch.where(medium, interpolated, scaled)
+
+
+def rope_tables(spec: LlamaSpec, max_seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed-sin tables ``[S, D]`` for ``apply_rope``.
+
+    Row p: ``cos = [cos(p w), cos(p w)]`` and ``sin = [-sin(p w), sin(p w)]`` (w = inverse
+    frequencies ``[D/2]``); the sign of rotate-half is folded into the table.
+    """
+    inv_freq = rope_inv_freq(spec)
+    angles = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [T, heads, D]`` by RoPE (rotate-half convention); cos/sin ``[T, 1, D]`` from
+    ``rope_tables`` (sin signed).
+
+    Equals HF's ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``.
+    """
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + swapped * sin
+
+
+class LayerWeights:
+    """One decoder layer's tensors, fused for fewer GEMMs (see module docstring)."""
+
+    def __init__(self, spec: LlamaSpec, dtype: torch.dtype) -> None:
+        e, d, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
+        qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * d
+        self.input_norm = torch.ones(e, dtype=dtype)
+        self.wqkv = torch.zeros(qkv_out, e, dtype=dtype)
+        self.bqkv = torch.zeros(qkv_out, dtype=dtype) if spec.qkv_bias else None
+        self.q_norm = torch.ones(d, dtype=dtype) if spec.qk_norm else None
+        self.k_norm = torch.ones(d, dtype=dtype) if spec.qk_norm else None
+        self.wo = torch.zeros(e, spec.num_heads * d, dtype=dtype)
+        self.bo = torch.zeros(e, dtype=dtype) if spec.o_bias else None
+        self.post_norm = torch.ones(e, dtype=dtype)
+        self.w_gate_up = torch.zeros(2 * i, e, dtype=dtype)
+        self.b_gate_up = torch.zeros(2 * i, dtype=dtype) if spec.mlp_bias else None
+        self.w_down = torch.zeros(e, i, dtype=dtype)
+        self.b_down = torch.zeros(e, dtype=dtype) if spec.mlp_bias else None
+
+    def targets(self, spec: LlamaSpec, prefix: str) -> dict[str, torch.Tensor]:
+        """HF parameter name -> the (view of the) tensor it is copied into."""
+        hd, kvd, i = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
+        a, m = f"{prefix}.self_attn", f"{prefix}.mlp"
+        t = {
+            f"{prefix}.input_layernorm.weight": self.input_norm,
+            f"{prefix}.post_attention_layernorm.weight": self.post_norm,
+            f"{a}.q_proj.weight": self.wqkv[:hd],
+            f"{a}.k_proj.weight": self.wqkv[hd : hd + kvd],
+            f"{a}.v_proj.weight": self.wqkv[hd + kvd :],
+            f"{a}.o_proj.weight": self.wo,
+            f"{m}.gate_proj.weight": self.w_gate_up[:i],
+            f"{m}.up_proj.weight": self.w_gate_up[i:],
+            f"{m}.down_proj.weight": self.w_down,
+        }
+        if self.bqkv is not None:
+            t[f"{a}.q_proj.bias"] = self.bqkv[:hd]
+            t[f"{a}.k_proj.bias"] = self.bqkv[hd : hd + kvd]
+            t[f"{a}.v_proj.bias"] = self.bqkv[hd + kvd :]
+        if self.bo is not None:
+            t[f"{a}.o_proj.bias"] = self.bo
+        if self.q_norm is not None:
+            t[f"{a}.q_norm.weight"] = self.q_norm
+            t[f"{a}.k_norm.weight"] = self.k_norm
+        if self.b_gate_up is not None:
+            t[f"{m}.gate_proj.bias"] = self.b_gate_up[:i]
+            t[f"{m}.up_proj.bias"] = self.b_gate_up[i:]
+            t[f"{m}.down_proj.bias"] = self.b_down
+        return t
+
+
+def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; {model_dir} is not an HF checkpoint directory.")
+    return json.loads(path.read_text())
+
+
+def read_safetensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of the ``*.safetensors`` shards in ``model_dir`` (any dtype, on CPU)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors files; save the checkpoint with safe_serialization=True.")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f), device="cpu"))
+    return state
+
+
+class LlamaModel:
+    """Weights, RoPE tables and a per-slot KV cache, with prefill / decode / forward.
+
+    k_cache, v_cache: ``[L, B, Hkv, S, D]``, zero-initialised so that stale positions beyond a
+    slot's length are finite (masked attention multiplies them by exactly 0; NaN would survive).
+    """
+
+    def __init__(
+        self,
+        spec: LlamaSpec,
+        max_batch_size: int = 32,
+        max_seq_len: int = 2048,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.spec = spec
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        s = spec
+        self.embed = torch.zeros(s.vocab_size, s.hidden_size, dtype=dtype)
+        self.lm_head = self.embed if s.tie_word_embeddings else torch.zeros(s.vocab_size, s.hidden_size, dtype=dtype)
+        self.final_norm = torch.ones(s.hidden_size, dtype=dtype)
+        self.layers = [LayerWeights(s, dtype) for _ in range(s.num_layers)]
+        self.cos, self.sin = rope_tables(s, max_seq_len, dtype)
+        cache_shape = (s.num_layers, max_batch_size, s.num_kv_heads, max_seq_len, s.head_dim)
+        self.k_cache = torch.zeros(cache_shape, dtype=dtype)
+        self.v_cache = torch.zeros(cache_shape, dtype=dtype)
+        self._positions = torch.arange(max_seq_len)
+        self._targets = self._weight_targets()
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | Path, max_batch_size: int = 32, max_seq_len: int = 2048, dtype: torch.dtype = torch.float32
+    ) -> "LlamaModel":
+        spec = LlamaSpec.from_hf_config(read_hf_config(model_dir))
+        model = cls(spec, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=dtype)
+        model.load_state_dict(read_safetensors(model_dir))
+        return model
+
+    def _weight_targets(self) -> dict[str, torch.Tensor]:
+        t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.final_norm}
+        if not self.spec.tie_word_embeddings:
+            t["lm_head.weight"] = self.lm_head
+        for i, layer in enumerate(self.layers):
+            t.update(layer.targets(self.spec, f"model.layers.{i}"))
+        return t
+
+    @torch.inference_mode()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy an HF state dict into the weights in place (shapes checked, dtype converted).
+
+        In place, so a running engine keeps its buffers and views. Every expected tensor must be
+        present; ``lm_head.weight`` of a tied checkpoint is ignored.
+        """
+        missing = [k for k in self._targets if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        for name, dst in self._targets.items():
+            src = state[name]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(src)
+
+    # ----------------------------------------------------------------- pieces
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w, self.spec.rms_norm_eps)
+
+    def _qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q ``[T, H, D]``, k and v ``[T, Hkv, D]`` with RoPE applied, from ``x [T, E]``.
+
+        cos, sin: ``[T, 1, D]`` for the tokens' positions. q and k may be strided views.
+        """
+        s = self.spec
+        t = x.shape[0]
+        h = self._norm(x, layer.input_norm)
+        qkv = F.linear(h, layer.wqkv, layer.bqkv).view(t, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
+        heads_qk = s.num_heads + s.num_kv_heads
+        v = qkv[:, heads_qk:]
+        if layer.q_norm is None:
+            # q and k rotated together: one set of elementwise ops instead of two.
+            qk = apply_rope(qkv[:, :heads_qk], cos, sin)
+            return qk[:, : s.num_heads], qk[:, s.num_heads :], v
+        q = self._norm(qkv[:, : s.num_heads], layer.q_norm)
+        k = self._norm(qkv[:, s.num_heads : heads_qk], layer.k_norm)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _mlp_residual(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x + attn @ Wo, then + the SwiGLU MLP (Shazeer 2020) of its norm. attn: ``[T, H*D]``."""
+        x = x + F.linear(attn, layer.wo, layer.bo)
+        h = self._norm(x, layer.post_norm)
+        gate_up = F.linear(h, layer.w_gate_up, layer.b_gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        # In place: x and the activation are this step's own temporaries.
+        return x.add_(F.linear(F.silu(gate).mul_(up), layer.w_down, layer.b_down))
+
+    def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One sequence: q ``[T, H, D]``, k/v ``[T, Hkv, D]`` -> ``[T, H*D]``, causal, GQA."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+        )
+        return out.transpose(0, 1).reshape(q.shape[0], -1)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits ``[T, V]`` of final hidden states ``h [T, E]`` (final norm + LM head)."""
+        return F.linear(self._norm(h, self.final_norm), self.lm_head)
+
+    # ----------------------------------------------------------------- forward paths
+
+    @torch.inference_mode()
+    def hidden_packed(self, seqs: list[list[int]], slots: list[int] | None = None) -> torch.Tensor:
+        """Hidden states ``[sum T_i, E]`` of sequences packed end to end, each at positions 0..T_i-1.
+
+        Projections and MLP run on all tokens at once; attention runs per sequence. With
+        ``slots``, sequence i's keys/values are written to ``cache[:, slots[i], :, :T_i]``.
+        """
+        self._check_lengths(seqs)
+        lens = [len(t) for t in seqs]
+        tokens = torch.tensor([tok for t in seqs for tok in t], dtype=torch.long)
+        pos = torch.cat([self._positions[:n] for n in lens])
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        x = self.embed[tokens]
+        for li, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            outs = []
+            start = 0
+            for i, n in enumerate(lens):
+                qi, ki, vi = q[start : start + n], k[start : start + n], v[start : start + n]
+                if slots is not None:
+                    self.k_cache[li, slots[i], :, :n] = ki.transpose(0, 1)
+                    self.v_cache[li, slots[i], :, :n] = vi.transpose(0, 1)
+                outs.append(self._causal_attention(qi, ki, vi))
+                start += n
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = self._mlp_residual(layer, x, attn)
+        return x
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits ``[T, V]`` of a whole sequence (no cache): the reference path, and scoring."""
+        return self.forward_packed([token_ids])[0]
+
+    @torch.inference_mode()
+    def forward_packed(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+        """Logits ``[T_i, V]`` of each of several sequences in one packed pass (no cache)."""
+        h = self.hidden_packed(seqs)
+        logits = self.logits(h)
+        return list(logits.split([len(t) for t in seqs]))
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Fill the cache of ``slots[i]`` with ``prompts[i]``; return last-token logits ``[n, V]``."""
+        h = self.hidden_packed(prompts, slots=slots)
+        last = torch.tensor(list(_cumsum(len(p) for p in prompts)), dtype=torch.long) - 1
+        return self.logits(h[last])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step for slots ``0..n-1``; return logits ``[n, V]``.
+
+        tokens: ``[n]`` the last sampled token of each slot. positions: ``[n]`` its position (=
+        the slot's cached length before this step). Writes the new keys/values at
+        ``cache[:, i, :, positions[i]]`` and attends over ``0..positions[i]``.
+
+        The G query heads of one KV group are laid out along SDPA's query-length axis
+        (``[n, Hkv, G, D]``), so grouped-query attention needs no repeated keys/values.
+        """
+        s = self.spec
+        n = tokens.shape[0]
+        hkv, g, d = s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim
+        span = int(positions.max()) + 1
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        # Additive length mask: each slot sees its own prefix and the new token (0), not the
+        # stale positions of longer neighbours (-inf).
+        mask = torch.zeros(n, 1, 1, span, dtype=self.dtype).masked_fill_(
+            (self._positions[:span][None, :] > positions[:, None]).view(n, 1, 1, span), float("-inf")
+        )
+        # Row of (slot i, kv head h, position p) in a layer's cache viewed as [B*Hkv*S, D]:
+        # one index_copy_ per layer writes all new keys (much cheaper than 2-D index_put).
+        rows = ((self._positions[:n, None] * hkv + self._positions[None, :hkv]) * self.max_seq_len + positions[:, None]).view(-1)
+        x = self.embed[tokens]
+        for li, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            kc.view(-1, d).index_copy_(0, rows, k.reshape(n * hkv, d))
+            vc.view(-1, d).index_copy_(0, rows, v.reshape(n * hkv, d))
+            attn = F.scaled_dot_product_attention(
+                q.view(n, hkv, g, d), kc[:n, :, :span], vc[:n, :, :span], attn_mask=mask
+            )
+            x = self._mlp_residual(layer, x, attn.reshape(n, -1))
+        return self.logits(x)
+
+    @torch.inference_mode()
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst`` (all layers)."""
+        self.k_cache[:, dst, :, :length].copy_(self.k_cache[:, src, :, :length])
+        self.v_cache[:, dst, :, :length].copy_(self.v_cache[:, src, :, :length])
+
+    def _check_lengths(self, seqs: Iterable[list[int]]) -> None:
+        for t in seqs:
+            if not 0 < len(t) <= self.max_seq_len:
+                raise ValueError(f"sequence of {len(t)} tokens: must be 1..{self.max_seq_len} (max_seq_len)")
+
+
+def _cumsum(xs: Iterable[int]) -> Iterable[int]:
+    total = 0
+    for x in xs:
+        total += x
+        yield total

@@ -1,0 +1,372 @@
+"""The CPU engine: its forward equals HF's, and continuous batching changes nothing.
+
+- Equivalence: ``LlamaModel`` (full forward, packed prefill, cached batched decode) against HF
+  ``*ForCausalLM`` on tiny random Llama / untied Llama with llama3 rope scaling / Qwen2 (q/k/v
+  bias) / Qwen3 (q/k norm, head_dim != hidden/heads); and the engine's sampled-token logprobs
+  and scores against HF log-softmax at the same temperature.
+- Invariance: requests run concurrently (more than there are slots, arriving at once or while
+  others decode) give exactly the tokens each gives alone with the same seed.
+- Sampling rules with hand-worked numbers; stop tokens, length and context caps; errors.
+- Weight updates change outputs and the version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from relayrl.model import make_tiny_model
+from relayrl.rollout.cpu_engine import CpuEngine, SamplingBatch, sample, truncate_probs
+from relayrl.rollout.engine import Completion, Engine, EngineError, GenerateRequest, SamplingParams
+from relayrl.rollout.llama import LlamaModel, LlamaSpec, read_hf_config
+
+# Logprobs of a ~40-token vocabulary are O(1); fp32 paths that differ only in summation order
+# agree to ~1e-6, so 1e-4 catches any real deviation (a wrong bias, rope or mask moves them by >1e-2).
+ATOL = 1e-4
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _randomize_(model: torch.nn.Module, seed: int) -> None:
+    """HF initialises biases to 0 and norms to 1; make them random so a missing one shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif "norm" in name:
+                p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _save_hf(tmp_path, name: str, config, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_(model, seed)
+    out = tmp_path / name
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _small(**kw):
+    base = dict(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-5, eos_token_id=3, bos_token_id=2, pad_token_id=0)
+    base.update(kw)
+    return base
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Tiny checkpoints of each supported variant (built in well under a second each)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    tmp = tmp_path_factory.mktemp("engine_models")
+    return {
+        "llama_tied": make_tiny_model(tmp / "llama_tied", num_heads=4, num_kv_heads=2, seed=1),
+        "llama3_rope_untied": _save_hf(tmp, "llama3", LlamaConfig(**_small(
+            tie_word_embeddings=False, head_dim=8, num_attention_heads=8, num_key_value_heads=2,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16}))),
+        "qwen2_bias": _save_hf(tmp, "qwen2", Qwen2Config(**_small(tie_word_embeddings=False))),
+        "qwen3_qknorm": _save_hf(tmp, "qwen3", Qwen3Config(**_small(head_dim=32, tie_word_embeddings=True))),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(model_dirs):
+    return model_dirs["llama_tied"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    eng = CpuEngine(tiny_dir, max_batch_size=4, max_seq_len=128)
+    yield eng
+    eng.shutdown()
+
+
+def _hf(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def _hf_logprobs(hf, tokens: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """HF ``log_softmax(logits / T)`` of every position: ``[T, V]``."""
+    logits = hf(torch.tensor([tokens])).logits[0]
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def _req(ids, **kw) -> GenerateRequest:
+    return GenerateRequest(list(ids), SamplingParams(**kw))
+
+
+def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- equivalence with HF
+
+
+@pytest.mark.parametrize("variant", ["llama_tied", "llama3_rope_untied", "qwen2_bias", "qwen3_qknorm"])
+def test_forward_prefill_decode_equal_hf(model_dirs, variant):
+    """Full forward, packed prefill of 3 prompts and 6 batched decode steps vs HF logprobs."""
+    hf = _hf(model_dirs[variant])
+    model = LlamaModel.from_pretrained(model_dirs[variant], max_batch_size=3, max_seq_len=64)
+    vocab = model.spec.vocab_size
+    seqs = [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 17, 9)]
+    ref = [_hf_logprobs(hf, s) for s in seqs]
+
+    for s, r in zip(seqs, ref):
+        got = torch.log_softmax(model.forward(s), dim=-1)
+        torch.testing.assert_close(got, r, atol=ATOL, rtol=0)
+
+    # Prefill different-length prefixes, then decode the rest of each sequence in one batch.
+    prefix = [5, 3, 2]
+    logits = model.prefill([s[:p] for s, p in zip(seqs, prefix)], slots=[0, 1, 2])
+    for i, p in enumerate(prefix):
+        torch.testing.assert_close(torch.log_softmax(logits[i], -1), ref[i][p - 1], atol=ATOL, rtol=0)
+    for step in range(6):
+        pos = torch.tensor([p + step for p in prefix])
+        toks = torch.tensor([s[p] for s, p in zip(seqs, pos.tolist())])
+        logits = model.decode(toks, pos)
+        for i in range(3):
+            torch.testing.assert_close(torch.log_softmax(logits[i], -1), ref[i][pos[i]], atol=ATOL, rtol=0)
+
+
+def test_spec_reads_variant_flags(model_dirs):
+    q2 = LlamaSpec.from_hf_config(read_hf_config(model_dirs["qwen2_bias"]))
+    q3 = LlamaSpec.from_hf_config(read_hf_config(model_dirs["qwen3_qknorm"]))
+    l3 = LlamaSpec.from_hf_config(read_hf_config(model_dirs["llama3_rope_untied"]))
+    assert (q2.qkv_bias, q2.o_bias, q2.qk_norm) == (True, False, False)
+    assert (q3.qkv_bias, q3.qk_norm, q3.head_dim, q3.tie_word_embeddings) == (False, True, 32, True)
+    assert l3.rope_scaling is not None and not l3.tie_word_embeddings
+
+
+def test_unsupported_rope_scaling_is_a_clear_error():
+    cfg = dict(_small(), model_type="llama", rope_scaling={"type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="rope scaling type 'yarn' is not supported"):
+        LlamaSpec.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("variant", ["llama_tied", "qwen2_bias"])
+def test_engine_logprobs_and_scores_equal_hf(model_dirs, variant):
+    """Sampled-token logprobs (prefill + decode inside the engine) and scores equal HF at T=0.7."""
+    hf = _hf(model_dirs[variant])
+    eng = CpuEngine(model_dirs[variant], max_batch_size=2, max_seq_len=64)
+    try:
+        prompts = [[5, 9, 12, 7], [4, 8, 30, 2, 11, 19]]
+        futs = [eng.submit(_req(p, max_new_tokens=12, temperature=0.7, seed=i, ignore_eos=True)) for i, p in enumerate(prompts)]
+        for p, fut in zip(prompts, futs):
+            c = fut.result()
+            full = p + c.output_ids
+            ref = _hf_logprobs(hf, full, temperature=0.7)
+            expected = [ref[len(p) - 1 + j, tok].item() for j, tok in enumerate(c.output_ids)]
+            torch.testing.assert_close(torch.tensor(c.output_logprobs), torch.tensor(expected), atol=ATOL, rtol=0)
+
+            scores = eng.submit_score(full, temperature=0.7).result()
+            expected_all = [0.0] + [ref[i - 1, full[i]].item() for i in range(1, len(full))]
+            torch.testing.assert_close(torch.tensor(scores), torch.tensor(expected_all), atol=ATOL, rtol=0)
+    finally:
+        eng.shutdown()
+
+
+# ----------------------------------------------------------------------------- sampling rules
+
+
+def test_truncate_probs_hand_worked():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+    # Row 0, top_p=0.7: mass before each token in sorted order = [0, .5, .8, .95]; keep <= .7
+    # -> the 0.5 and 0.3 tokens. Row 1, top_k=3: drop the least likely (0.05).
+    out = truncate_probs(probs, top_p=torch.tensor([0.7, 1.0]), top_k=torch.tensor([4, 3]))
+    torch.testing.assert_close(out, torch.tensor([[0.5, 0.3, 0.0, 0.0], [0.0, 0.15, 0.3, 0.5]]))
+
+
+def test_sample_inverts_the_cdf_of_its_own_row():
+    # probs [0.1, 0.2, 0.7] -> cdf [0.1, 0.3, 1.0]; the row's first uniform draw u picks the
+    # first token whose cdf exceeds u.
+    logits = torch.tensor([[0.1, 0.2, 0.7]]).log()
+    u = torch.rand(1, generator=torch.Generator().manual_seed(7), dtype=torch.float64).item()
+    expected = 0 if u < 0.1 else (1 if u < 0.3 else 2)
+    batch = SamplingBatch.build([SamplingParams(temperature=1.0)], [torch.Generator().manual_seed(7)], 3)
+    tok, lp = sample(logits, batch)
+    assert tok.tolist() == [expected]
+    assert lp.item() == pytest.approx(torch.tensor([0.1, 0.2, 0.7]).log()[expected].item(), abs=1e-6)
+
+
+def test_logprob_is_before_truncation(engine):
+    """top_k=1 samples the argmax, and its logprob is the full distribution's, not 0."""
+    p = [5, 6, 7]
+    greedy = engine.submit(_req(p, max_new_tokens=5, temperature=0.0, ignore_eos=True)).result()
+    topk1 = engine.submit(_req(p, max_new_tokens=5, temperature=1.0, top_k=1, seed=3, ignore_eos=True)).result()
+    nucleus = engine.submit(_req(p, max_new_tokens=5, temperature=1.0, top_p=1e-6, seed=4, ignore_eos=True)).result()
+    assert topk1.output_ids == greedy.output_ids == nucleus.output_ids
+    torch.testing.assert_close(torch.tensor(topk1.output_logprobs), torch.tensor(greedy.output_logprobs), atol=1e-6, rtol=0)
+    assert all(lp < -0.1 for lp in topk1.output_logprobs)  # a ~40-way random model is never sure
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_concurrent_equals_alone(engine, temperature):
+    """10 requests (4 slots) of different lengths at once == each alone, same seed."""
+    prompts = _prompts(10, engine.vocab_size, seed=1)
+    reqs = [_req(p, max_new_tokens=3 + 2 * i, temperature=temperature, seed=100 + i, ignore_eos=True)
+            for i, p in enumerate(prompts)]
+    together = engine.generate_many(reqs)
+    alone = [engine.submit(r).result() for r in reqs]
+    for t, a, r in zip(together, alone, reqs):
+        assert t.output_ids == a.output_ids
+        assert len(t.output_ids) == r.sampling.max_new_tokens and t.finish_reason == "length"
+        torch.testing.assert_close(torch.tensor(t.output_logprobs), torch.tensor(a.output_logprobs), atol=1e-5, rtol=0)
+    if temperature > 0:  # different seeds really sample differently
+        assert len({tuple(c.output_ids[:3]) for c in together}) > 5
+
+
+def test_request_arriving_while_others_decode(engine):
+    long_req = _req([5, 6, 7, 8], max_new_tokens=100, temperature=1.0, seed=1, ignore_eos=True)
+    short_req = _req([9, 10], max_new_tokens=3, temperature=1.0, seed=2, ignore_eos=True)
+    long_alone, short_alone = engine.submit(long_req).result(), engine.submit(short_req).result()
+
+    steps0 = engine.stats["steps"]
+    long_fut = engine.submit(long_req)
+    while engine.stats["steps"] < steps0 + 5:  # the long one is decoding
+        time.sleep(0.001)
+    short = engine.submit(short_req).result()
+    assert not long_fut.done()  # it joined a running batch and left it first
+    assert short.output_ids == short_alone.output_ids
+    assert long_fut.result().output_ids == long_alone.output_ids
+
+
+def test_seed_gives_same_tokens_whatever_the_batch(engine):
+    r = _req([11, 12, 13], max_new_tokens=8, temperature=1.0, seed=42, ignore_eos=True)
+    others = [_req(p, max_new_tokens=8, temperature=1.0, ignore_eos=True) for p in _prompts(3, engine.vocab_size, seed=5)]
+    a = engine.generate_many([r] + others)[0]
+    b = engine.generate_many(others[:1] + [r])[1]
+    assert a.output_ids == b.output_ids
+
+
+# ----------------------------------------------------------------------------- stop and caps
+
+
+def test_stop_token_ends_generation_and_is_kept(engine):
+    p = [5, 9, 14]
+    free = engine.submit(_req(p, max_new_tokens=20, temperature=1.0, seed=9, ignore_eos=True)).result()
+    stop = free.output_ids[4]
+    first = free.output_ids.index(stop)
+    c = engine.submit(_req(p, max_new_tokens=20, temperature=1.0, seed=9, ignore_eos=True, stop_token_ids=[stop])).result()
+    assert c.output_ids == free.output_ids[: first + 1]
+    assert c.finish_reason == "stop"
+    assert c.prompt_tokens == 3
+
+
+def test_eos_stops_unless_ignored(tmp_path, tiny_dir, engine):
+    """The model's EOS (config.json / generation_config.json) ends generation like SGLang's."""
+    import json
+    import shutil
+
+    assert engine.eos_token_ids == {read_hf_config(tiny_dir)["eos_token_id"]}
+    p = [5, 9, 14]
+    r = _req(p, max_new_tokens=20, temperature=1.0, seed=9, ignore_eos=True)
+    free = engine.submit(r).result()
+    # A copy of the model whose EOS is the token sampled at step 4.
+    eos = free.output_ids[4]
+    first = free.output_ids.index(eos)
+    model = tmp_path / "eos_model"
+    shutil.copytree(tiny_dir, model)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((model / name).read_text())
+        cfg["eos_token_id"] = eos
+        (model / name).write_text(json.dumps(cfg))
+    eng = CpuEngine(model, max_batch_size=2, max_seq_len=128)
+    try:
+        stopped = eng.submit(_req(p, max_new_tokens=20, temperature=1.0, seed=9)).result()
+        ignored = eng.submit(r).result()
+    finally:
+        eng.shutdown()
+    assert (stopped.output_ids, stopped.finish_reason) == (free.output_ids[: first + 1], "stop")
+    assert (ignored.output_ids, ignored.finish_reason) == (free.output_ids, "length")
+
+
+def test_length_and_context_caps(tiny_dir):
+    eng = CpuEngine(tiny_dir, max_batch_size=2, max_seq_len=16)
+    try:
+        c = eng.submit(_req([5] * 10, max_new_tokens=100, temperature=0.0, ignore_eos=True)).result()
+        assert (len(c.output_ids), c.finish_reason) == (6, "length")  # 10 + 6 = max_seq_len
+        c = eng.submit(_req([5] * 10, max_new_tokens=2, temperature=0.0, ignore_eos=True)).result()
+        assert (len(c.output_ids), c.finish_reason) == (2, "length")
+        c = eng.submit(_req([5] * 10, max_new_tokens=0)).result()
+        assert (c.output_ids, c.finish_reason) == ([], "length")
+        # A prompt that leaves no room is the caller's error; the engine keeps serving.
+        with pytest.raises(EngineError, match="longer than the engine's context"):
+            eng.submit(_req([5] * 16, max_new_tokens=1)).result()
+        with pytest.raises(EngineError, match="outside the vocabulary"):
+            eng.submit(_req([5, 10_000], max_new_tokens=1)).result()
+        with pytest.raises(EngineError, match="longer than the engine's context"):
+            eng.submit_score([5] * 17).result()
+        assert eng.is_healthy()
+        assert len(eng.submit(_req([5, 6], max_new_tokens=3, ignore_eos=True)).result().output_ids) == 3
+    finally:
+        eng.shutdown()
+    with pytest.raises(EngineError, match="shut down"):
+        eng.submit(_req([5], max_new_tokens=1))
+
+
+# ----------------------------------------------------------------------------- weights and protocol
+
+
+def test_update_weights_changes_outputs_and_version(tmp_path, tiny_dir):
+    other = make_tiny_model(tmp_path / "other", seed=7)
+    eng = CpuEngine(tiny_dir, max_batch_size=2, max_seq_len=256)
+    ref_other = CpuEngine(other, max_batch_size=2, max_seq_len=256)
+    try:
+        r = _req([5, 6, 7], max_new_tokens=8, temperature=1.0, seed=1, ignore_eos=True)
+        before = eng.submit(r).result()
+        expected = ref_other.submit(r).result()
+        # Near-uniform random models may sample the same tokens; their logprobs differ.
+        assert (torch.tensor(before.output_logprobs) - torch.tensor(expected.output_logprobs)).abs().max() > 1e-3
+
+        # In flight across the update: it keeps going, tagged with the version it started on.
+        steps0 = eng.stats["steps"]
+        long_fut = eng.submit(_req([5, 6], max_new_tokens=200, temperature=1.0, seed=0, ignore_eos=True))
+        while eng.stats["steps"] < steps0 + 2:
+            time.sleep(0.001)
+        eng.load_weights(other, version=5)
+        after = eng.submit(r).result()
+        assert after.output_ids == expected.output_ids and after.weight_version == 5
+        torch.testing.assert_close(torch.tensor(after.output_logprobs), torch.tensor(expected.output_logprobs), atol=1e-6, rtol=0)
+        assert eng.current_weight_version() == 5
+        inflight = long_fut.result()
+        assert inflight.weight_version == 0 and len(inflight.output_ids) == 200
+
+        with pytest.raises(EngineError, match="cannot load weights"):
+            eng.load_weights(tmp_path / "missing", version=6)
+        assert eng.current_weight_version() == 5
+    finally:
+        eng.shutdown()
+        ref_other.shutdown()
+
+
+def test_async_engine_protocol(engine):
+    assert isinstance(engine, Engine)
+
+    async def main():
+        reqs = [_req(p, max_new_tokens=4, temperature=1.0, seed=i, ignore_eos=True) for i, p in enumerate(_prompts(6, engine.vocab_size, 3))]
+        outs = await asyncio.gather(*(engine.generate(r) for r in reqs))
+        scores = await engine.score([5, 6, 7, 8])
+        return outs, scores, await engine.health(), await engine.weight_version()
+
+    outs, scores, healthy, version = asyncio.run(main())
+    assert all(isinstance(c, Completion) and len(c.output_ids) == 4 for c in outs)
+    assert len(scores) == 4 and scores[0] == 0.0 and all(s < 0 for s in scores[1:])
+    assert healthy and version == 0

@@ -103,8 +103,8 @@ class Job:
     def start(cls, cfg: Config) -> Iterator["Job"]:
         job = cls(cfg)
         try:
-            job._prepare_run_dir()
             job._check_plugins()
+            job._prepare_run_dir()
             job._start_ray()
             job._build()
             yield job

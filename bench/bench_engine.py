@@ -1,0 +1,139 @@
+"""Tokens/s of the embedded CPU engine vs HF ``transformers`` ``generate``, same run, same prompts.
+
+SmolLM2-135M-Instruct fp32, chat-formatted prompts, sampling at temperature 1 (top-p/top-k off,
+EOS ignored so every sequence samples exactly ``--new-tokens`` tokens), ``--threads`` torch
+threads for both. For each batch size the engine gets all requests at once (continuous batching
+admits them in one prefill) and HF gets one left-padded ``generate`` call; tokens/s counts
+sampled tokens over wall time, prefill included. Also times a weight update from disk: the
+total (read + copy) and the part that pauses decoding (the in-place copy).
+
+    python bench/bench_engine.py            # batch 1, 8, 32; 128 new tokens
+    python bench/bench_engine.py --quick    # batch 1, 8; 32 new tokens
+    python bench/bench_engine.py --omp-passive   # OMP_WAIT_POLICY=PASSIVE for both
+
+On a CPU shared with other busy processes, OpenMP threads that spin at barriers lose their
+time slices and a 2-thread step can take several times longer; ``--omp-passive`` makes idle
+threads sleep instead (it must be set before torch loads libgomp, hence a flag, not a setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if "--omp-passive" in sys.argv:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import torch
+
+from relayrl.model import default_cache_dir, ensure_smollm2
+from relayrl.rollout.cpu_engine import CpuEngine
+from relayrl.rollout.engine import GenerateRequest, SamplingParams
+
+QUESTIONS = [
+    "Write a Python function that reverses a linked list.",
+    "Explain what a race condition is, with an example.",
+    "How do I read a CSV file with pandas and drop empty rows?",
+    "What does `git rebase -i` do?",
+    "Fix the bug: for i in range(len(xs)): xs.remove(xs[i])",
+    "Write a shell one-liner that counts lines in all .py files.",
+    "What is the difference between a process and a thread?",
+    "Implement binary search in Python and state its complexity.",
+]
+
+
+def make_prompts(tokenizer, n: int) -> list[list[int]]:
+    """``n`` chat prompts (distinct: the question and a request number vary)."""
+    prompts = []
+    for i in range(n):
+        msg = [{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} (request {i})"}]
+        prompts.append(tokenizer.apply_chat_template(msg, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return [list(p) for p in prompts]
+
+
+def bench_engine(engine: CpuEngine, prompts: list[list[int]], new_tokens: int) -> float:
+    sp = [SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i, ignore_eos=True) for i in range(len(prompts))]
+    t0 = time.perf_counter()
+    outs = engine.generate_many([GenerateRequest(p, s) for p, s in zip(prompts, sp)])
+    dt = time.perf_counter() - t0
+    assert all(len(o.output_ids) == new_tokens for o in outs)
+    return len(prompts) * new_tokens / dt
+
+
+@torch.inference_mode()
+def bench_hf(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> float:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
+    )
+    dt = time.perf_counter() - t0
+    assert out.shape[1] - width == new_tokens
+    return len(prompts) * new_tokens / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="batch 1 and 8, 32 new tokens")
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-hf", action="store_true", help="engine only")
+    ap.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE (see above)")
+    args = ap.parse_args()
+    batches = args.batches or ([1, 8] if args.quick else [1, 8, 32])
+    new_tokens = args.new_tokens or (32 if args.quick else 128)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    model_dir = ensure_smollm2(default_cache_dir())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = make_prompts(tokenizer, max(batches))
+    max_seq_len = max(len(p) for p in prompts) + new_tokens + 16
+
+    t0 = time.perf_counter()
+    engine = CpuEngine(model_dir, max_batch_size=max(batches), max_seq_len=max_seq_len, num_threads=args.threads)
+    engine_load_s = time.perf_counter() - t0
+    hf = None if args.skip_hf else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    # Warm-up (first-call allocations, thread pools) outside the timings.
+    bench_engine(engine, prompts[:2], 4)
+    if hf is not None:
+        bench_hf(hf, tokenizer, prompts[:2], 4)
+
+    rows = []
+    for b in batches:
+        eng_tps = bench_engine(engine, prompts[:b], new_tokens)
+        hf_tps = bench_hf(hf, tokenizer, prompts[:b], new_tokens) if hf is not None else float("nan")
+        rows.append((b, eng_tps, hf_tps))
+        print(f"batch {b:>3}: engine {eng_tps:7.1f} tok/s   hf {hf_tps:7.1f} tok/s", flush=True)
+
+    t0 = time.perf_counter()
+    pause_s = engine.load_weights(model_dir, version=1)
+    update_s = time.perf_counter() - t0
+    engine.shutdown()
+
+    prompt_lens = [len(p) for p in prompts]
+    print()
+    print(f"SmolLM2-135M-Instruct fp32, {args.threads} threads, {new_tokens} new tokens/sequence, "
+          f"prompts {min(prompt_lens)}-{max(prompt_lens)} tokens, temperature 1.0, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}, "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
+    print(f"| batch | engine tok/s | HF generate tok/s | engine / HF |")
+    print(f"|------:|-------------:|------------------:|------------:|")
+    for b, e, h in rows:
+        print(f"| {b:>5} | {e:12.1f} | {h:17.1f} | {e / h:10.2f}x |")
+    print()
+    print(f"engine load (weights + KV cache): {engine_load_s:.2f} s")
+    print(f"weight update from disk: {update_s:.2f} s total, decoding paused {pause_s * 1e3:.0f} ms (in-place copy)")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,12 +16,10 @@ sub-trace's first action state, so GAE runs across the cut.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from relayrl.config import AlgorithmConfig
-from relayrl.critic.gae import gae
+from relayrl.critic.gae import first_action_value, gae
 from relayrl.rl.advantages import group_relative_advantages, masked_whiten
 from relayrl.types import SubTrace, Trajectory
 
@@ -56,19 +54,17 @@ def action_values(raw: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return v * loss_mask
 
 
-def first_action_value(raw: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    idx = int(torch.nonzero(loss_mask, as_tuple=False)[0])
-    return raw[idx - 1] if idx > 0 else raw.new_zeros(())
+def bootstraps(subs: list[SubTrace], values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(b,) bootstrap value per sub-trace: the next segment's first action-state value, else 0.
 
-
-def bootstraps(subs: list[SubTrace], raws: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
-    """(b,) bootstrap value per sub-trace: the next segment's first action-state value, else 0."""
+    values, masks: (b, t) action-aligned values and loss masks of all sub-traces."""
+    first = first_action_value(values, masks)
     by_key = {(s.trajectory_id, s.segment): i for i, s in enumerate(subs)}
     out = torch.zeros(len(subs))
     for i, s in enumerate(subs):
         nxt = by_key.get((s.trajectory_id, s.segment + 1))
         if nxt is not None:
-            out[i] = first_action_value(raws[nxt], masks[nxt])
+            out[i] = first[nxt]
     return out
 
 
@@ -89,7 +85,7 @@ def gae_advantages(subs: list[SubTrace], samples: list[Sample], raws: list[torch
     masks = pad(masks_list)
     values = pad([action_values(r, m) for r, m in zip(raws, masks_list, strict=True)])
     rewards = rewards_tensor(subs, masks)
-    boot = bootstraps(subs, raws, masks_list)
+    boot = bootstraps(subs, values, masks)
     # VC-PPO: the actor's advantages and the critic's targets use separate lambdas.
     adv, ret = gae(rewards, values, masks, boot, cfg.gamma, cfg.lam_actor)
     if cfg.lam_critic != cfg.lam_actor:
@@ -120,21 +116,13 @@ def gae_advantages(subs: list[SubTrace], samples: list[Sample], raws: list[torch
 
 def grpo_advantages(subs: list[SubTrace], samples: list[Sample], cfg: AlgorithmConfig) -> dict[str, float]:
     """Group-relative advantages of each trajectory's reward, on every action token."""
-    by_traj: dict[str, float] = {}
-    groups: dict[str, list[str]] = defaultdict(list)
-    for s in subs:
-        if s.trajectory_id not in by_traj:
-            by_traj[s.trajectory_id] = s.reward if s.segment == s.num_segments - 1 else 0.0
-            groups[s.group_id].append(s.trajectory_id)
-        if s.segment == s.num_segments - 1:
-            by_traj[s.trajectory_id] = s.reward
-    ids = list(by_traj)
-    rewards = torch.tensor([by_traj[i] for i in ids])
-    group_index = {gid: k for k, gid in enumerate(groups)}
-    traj_group = {tid: group_index[gid] for gid, tids in groups.items() for tid in tids}
-    gidx = torch.tensor([traj_group[i] for i in ids])
+    final = {s.trajectory_id: s for s in subs if s.segment == s.num_segments - 1}
+    ids = list(final)
+    group_index: dict[str, int] = {}
+    gidx = torch.tensor([group_index.setdefault(final[t].group_id, len(group_index)) for t in ids])
+    rewards = torch.tensor([final[t].reward for t in ids])
     adv = group_relative_advantages(rewards, gidx, normalize_std=cfg.grpo_normalize_std)
     adv_of = dict(zip(ids, adv.tolist(), strict=True))
     for s, smp in zip(subs, samples, strict=True):
-        smp["advantages"] = smp["loss_mask"].float() * adv_of[s.trajectory_id]
-    return {"adv/abs_mean": float(adv.abs().mean())}
+        smp["advantages"] = smp["loss_mask"].float() * adv_of.get(s.trajectory_id, 0.0)
+    return {"adv/abs_mean": float(adv.abs().mean()) if len(ids) else 0.0}

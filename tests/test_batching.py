@@ -1,0 +1,54 @@
+"""Alignment of values, rewards and critic targets in rl/batching (hand-worked)."""
+
+from __future__ import annotations
+
+import torch
+
+from relayrl.config import AlgorithmConfig
+from relayrl.rl.batching import base_samples, gae_advantages, grpo_advantages
+from relayrl.types import SubTrace
+
+CFG = AlgorithmConfig(gamma=1.0, lam_actor=1.0, lam_critic=1.0, normalize_advantages=False)
+
+
+def sub(tokens, mask, reward, tid="a", segment=0, num_segments=1, group="g"):
+    return SubTrace(tokens=tokens, loss_mask=mask, rollout_logprobs=[0.0] * len(tokens), reward=reward,
+                    trajectory_id=tid, segment=segment, num_segments=num_segments, group_id=group)
+
+
+def test_one_sub_trace_two_turns():
+    # tokens: prompt p, actions a1 a2, observation o, action a3; raw[i] = V(tokens[:i+1]).
+    s = sub([5, 6, 7, 8, 9], [0, 1, 1, 0, 1], reward=1.0)
+    samples = base_samples([s])
+    raw = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])
+    gae_advantages([s], samples, [raw], CFG)
+    # Action a_i was sampled in the state after token i-1: a1 <- raw[0], a2 <- raw[1], a3 <- raw[3].
+    # gamma = lam = 1 and the only reward is 1 on a3, so every advantage is 1 - V(state):
+    torch.testing.assert_close(samples[0]["advantages"], torch.tensor([0.0, 0.9, 0.8, 0.0, 0.6]))
+    # The critic learns at the state positions 0, 1, 3 with return 1 there.
+    assert samples[0]["value_mask"].tolist() == [1, 1, 0, 1, 0]
+    torch.testing.assert_close(samples[0]["returns"], torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(samples[0]["old_values"], torch.tensor([0.1, 0.2, 0.0, 0.4, 0.0]))
+
+
+def test_segment_bootstraps_from_the_next_segments_first_action_state():
+    s0 = sub([1, 2], [0, 1], reward=0.0, segment=0, num_segments=2)
+    s1 = sub([3, 4, 5], [0, 0, 1], reward=1.0, segment=1, num_segments=2)
+    samples = base_samples([s0, s1])
+    raws = [torch.tensor([0.25, 0.5]), torch.tensor([0.0, 0.75, 0.9])]
+    gae_advantages([s0, s1], samples, raws, CFG)
+    # Segment 1's only action is sampled after token 1: V = 0.75; its advantage 1 - 0.75.
+    # Segment 0's action (V = 0.25) has no reward and bootstraps from 0.75: 0 + 0.75 - 0.25.
+    torch.testing.assert_close(samples[0]["advantages"], torch.tensor([0.0, 0.5]))
+    torch.testing.assert_close(samples[1]["advantages"], torch.tensor([0.0, 0.0, 0.25]))
+    torch.testing.assert_close(samples[0]["returns"], torch.tensor([0.75, 0.0]))
+
+
+def test_grpo_broadcasts_group_relative_rewards_to_action_tokens():
+    a = sub([1, 2, 3], [0, 1, 1], reward=1.0, tid="a")
+    b = sub([1, 2], [0, 1], reward=0.0, tid="b")
+    samples = base_samples([a, b])
+    grpo_advantages([a, b], samples, AlgorithmConfig(grpo_normalize_std=False))
+    # Group mean 0.5: advantages +0.5 and -0.5 on every action token.
+    torch.testing.assert_close(samples[0]["advantages"], torch.tensor([0.0, 0.5, 0.5]))
+    torch.testing.assert_close(samples[1]["advantages"], torch.tensor([0.0, -0.5]))

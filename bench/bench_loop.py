@@ -99,8 +99,7 @@ def _common_overrides(w: Workload, name: str, output_dir: str) -> list[str]:
         f"run.seed={w.seed}",
         f"model.path={w.model}",
         "model.dtype=float32",
-        # Logical CPUs for Ray's placement: the engine and each trainer (policy, critic) reserve
-        # one; with the default (the 2 physical cores) the critic of a gae job never starts.
+        # Logical CPUs of the local Ray instance (relayrl's CPU actors reserve none of them).
         "ray.num_cpus=4",
         "engine.kind=cpu",
         "engine.num_engines=1",

@@ -44,14 +44,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def test_critic_ppo_learns_the_toy_env(tmp_path, tiny_model_dir):
-    """Mean reward rises from near chance to >= 0.85 in 30 steps (seeded).
+    """Mean reward rises from near chance to >= 0.85 in 30 steps.
 
-    A random policy's first word matches the target with probability about 1/20 (the vocabulary),
+    A random policy's first word matches the target with probability about 1/16 (the vocabulary),
     so the first steps score ~0.05-0.1; a policy that learned to copy the word of each turn
-    scores 1.0. Seen here: 0.07 at step 1, 0.97 from step 23 on."""
+    scores 1.0. Deterministic mode (ordered batches, per-request sampling seeds), so the curve
+    does not hang on which episode finished first. Seen here: 0.07 at step 1, >= 0.9 from
+    step 20 on. (Asynchronously scheduled, the same config once reached only 0.63 by step 30
+    with 2 PPO epochs: the run-to-run spread is why this test pins the order.)"""
     cfg = load_config(None, tiny_overrides(tmp_path, tiny_model_dir, "learn")
-                      + ["train.steps=30", "train.save_every=30",
-                         "algorithm.num_minibatches=4", "algorithm.ppo_epochs=2"])
+                      + ["run.deterministic=true", "train.steps=30", "train.save_every=30",
+                         "algorithm.num_minibatches=4", "algorithm.ppo_epochs=4"])
     run_dir = train(cfg)
     rewards = [m["reward/mean"] for m in read_metrics(run_dir)]
     assert len(rewards) == 30

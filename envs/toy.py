@@ -63,6 +63,11 @@ class ToyEchoEnv:
             for i in range(num_tasks)
         ]
 
+    @staticmethod
+    def reference_calls(task: dict[str, Any]) -> list[ToolCall]:
+        """The perfect episode: answer each turn's word."""
+        return [ToolCall("answer", {"text": word}) for word in task["targets"]]
+
     async def reset(self, task: dict[str, Any]) -> Reset:
         targets = list(task["targets"])
         if len(targets) < self.num_turns:

@@ -4,6 +4,8 @@
     relayrl report RUN_DIR                              PNG plots of a run's metrics
     relayrl config show CONFIG.yaml [dotted.key=value]  the validated config, every default filled in
     relayrl convert-model smollm2 [--cache-dir DIR]     convert the bundled SmolLM2 once
+    relayrl envs list                                   the registered environments
+    relayrl envs check NAME_OR_PATH [--kwargs YAML]     run the env contract on an environment
 
 Exit codes: 0 success; 2 a user mistake (bad config, missing file, bad argument), reported as
 one paragraph naming the key and the fix, without a traceback; 130 interrupted (Ctrl-C); 1 an
@@ -52,6 +54,25 @@ def _cmd_convert_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_envs_list(args: argparse.Namespace) -> int:
+    import relayrl.envs.coding  # noqa: F401  (registers the built-in envs)
+    import relayrl.envs.toy  # noqa: F401
+    from relayrl.registry import envs
+
+    for name in envs.names():
+        print(name)
+    return 0
+
+
+def _cmd_envs_check(args: argparse.Namespace) -> int:
+    from relayrl.envs.check import parse_kwargs, print_results, run_check
+
+    results, num_tasks = run_check(args.env, parse_kwargs(args.kwargs), args.tasks,
+                                   None if args.all_tasks else args.limit)
+    print_results(args.env, results, num_tasks)
+    return 0 if all(r.ok for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relayrl",
@@ -76,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", metavar="CONFIG", help="path of a YAML config")
     show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
     show.set_defaults(func=_cmd_config_show)
+
+    p = sub.add_parser("envs", help="list environments, run the contract checks on one")
+    envs_sub = p.add_subparsers(dest="envs_command", metavar="ACTION", required=True)
+    ls = envs_sub.add_parser("list", help="the registered environment names")
+    ls.set_defaults(func=_cmd_envs_list)
+    check = envs_sub.add_parser("check", help="run the env contract (and its sandbox's) on an environment")
+    check.add_argument("env", metavar="NAME_OR_PATH", help="a registered name (coding, toy_echo) or 'pkg.mod:Class'")
+    check.add_argument("--kwargs", default=None, help="constructor kwargs as YAML/JSON, e.g. '{reward: all_pass}'")
+    check.add_argument("--tasks", default=None, help="a .jsonl/.parquet task file (default: the env's own tasks)")
+    check.add_argument("--limit", type=int, default=3, help="check the first N tasks (default 3)")
+    check.add_argument("--all-tasks", action="store_true", help="check every task")
+    check.set_defaults(func=_cmd_envs_check)
 
     p = sub.add_parser("convert-model", help="convert a bundled model to a cached safetensors checkpoint")
     p.add_argument("model", choices=["smollm2"], help="the bundled model (SmolLM2-135M-Instruct)")

@@ -117,6 +117,9 @@ class EnvConfig(_Section):
     """Path to a tasks file (jsonl or parquet) read with ``datasets``; None = the env's own tasks."""
     system_prompt: str | None = None
     """Override the env's system prompt."""
+    call_timeout_s: float = Field(600.0, gt=0)
+    """Seconds one env call (reset, step, score, close) may take; past it the episode is marked
+    failed with the error (counted in ``rollout/failed_env_timeout``) and the run goes on."""
 
 
 class AlgorithmConfig(_Section):

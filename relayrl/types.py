@@ -117,6 +117,7 @@ class Trajectory:
     reward: the task reward (also stored on the last sub-trace).
     metrics: flat name -> number details from ``env.score()`` and the agent loop.
     failed: the episode could not complete (engine or sandbox died); it is logged, never trained.
+    failure_kind: why, when failed: ``engine``, ``sandbox``, ``env_timeout`` or ``env_error``.
     """
 
     trajectory_id: str
@@ -125,6 +126,7 @@ class Trajectory:
     metrics: dict[str, float] = field(default_factory=dict)
     failed: bool = False
     error: str = ""
+    failure_kind: str = ""
 
     @property
     def num_turns(self) -> int:

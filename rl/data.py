@@ -14,14 +14,30 @@ from relayrl.rollout.agent import EpisodeJob
 
 
 def load_tasks(env_cfg: EnvConfig, env_cls: Any, seed: int) -> list[dict[str, Any]]:
-    """Tasks from ``env.tasks`` (jsonl / parquet through ``datasets``) or the env's own."""
+    """Tasks from ``env.tasks`` (jsonl / parquet through ``datasets``) or the env's own, each
+    checked by the env's ``check_task`` (if it has one) before anything starts."""
     if env_cfg.tasks is None:
         if not hasattr(env_cls, "default_tasks"):
             raise ConfigError(f"env.tasks: the environment {env_cfg.name!r} has no built-in tasks; "
                               "give a jsonl or parquet file of tasks")
         task_kwargs = {k: v for k, v in env_cfg.kwargs.items() if k in ("num_turns",)}
-        return list(env_cls.default_tasks(seed=seed, **task_kwargs))
-    path = Path(env_cfg.tasks)
+        tasks = list(env_cls.default_tasks(seed=seed, **task_kwargs))
+        source = f"the built-in tasks of {env_cfg.name!r}"
+    else:
+        tasks = _read_task_file(Path(env_cfg.tasks))
+        source = str(env_cfg.tasks)
+    check = getattr(env_cls, "check_task", None)
+    if check is not None:
+        for i, task in enumerate(tasks):
+            try:
+                check(task)
+            except (ValueError, TypeError, KeyError) as e:
+                raise ConfigError(f"env.tasks: task {i} of {source} is not valid for {env_cfg.name!r}: {e}. "
+                                  "See envs/tasks/README.md for the task schema.") from None
+    return tasks
+
+
+def _read_task_file(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"env.tasks: {path} does not exist. Give the path of a .jsonl or .parquet file of tasks.")
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
@@ -29,7 +45,11 @@ def load_tasks(env_cfg: EnvConfig, env_cls: Any, seed: int) -> list[dict[str, An
         raise ConfigError(f"env.tasks: {path} must end in .jsonl, .json or .parquet")
     import datasets
 
-    ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps parse errors in several exception types
+        raise ConfigError(f"env.tasks: {path} could not be read as {kind} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}). Check the file's format.") from None
     tasks = [dict(row) for row in ds]
     if not tasks:
         raise ConfigError(f"env.tasks: {path} holds no tasks")

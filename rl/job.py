@@ -49,6 +49,8 @@ def rollout_metrics(groups: list[list[Trajectory]], subs: list[SubTrace]) -> dic
     out: dict[str, float] = {
         "rollout/trajectories": float(len(trajs)),
         "rollout/failed": float(len(trajs) - len(ok)),
+        **{f"rollout/failed_{kind}": float(sum(t.failure_kind == kind for t in trajs))
+           for kind in ("engine", "sandbox", "env_timeout", "env_error")},
         "rollout/sub_traces": float(len(subs)),
     }
     if ok:

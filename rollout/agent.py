@@ -8,15 +8,18 @@ sub-trace is marked ``terminal=False`` so GAE bootstraps from the critic's value
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from relayrl.envs.base import Env, task_domain
 from relayrl.types import Event, ParseError, SubTrace, ToolCall, Trajectory
 
 from .chat import ChatFormat
 from .engine import Engine, GenerateRequest, SamplingParams
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,6 +52,19 @@ class AgentLimits:
     max_context_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    env_call_timeout_s: float | None = None
+
+
+class EnvTimeout(Exception):
+    """An env call (reset, step, score) took longer than ``env.call_timeout_s``."""
+
+
+async def call_env(awaitable: Awaitable[T], what: str, timeout_s: float | None) -> T:
+    """Await an env call under the episode's env timeout."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except asyncio.TimeoutError:
+        raise EnvTimeout(f"env.{what} took longer than env.call_timeout_s={timeout_s:g}s") from None
 
 
 def turn_seed(base: int | None, turn: int) -> int | None:
@@ -79,7 +95,7 @@ async def run_episode(
     on_event: Callable[[Event], None] | None = None,
 ) -> Trajectory:
     """Run one episode to its end and return its trajectory (one sub-trace, no compaction)."""
-    reset = await env.reset(job.task)
+    reset = await call_env(env.reset(job.task), "reset", limits.env_call_timeout_s)
     tools = reset.tools or None
     messages = chat.with_tool_instructions(list(reset.messages), reset.tools)
     ctx = _Context()
@@ -120,7 +136,7 @@ async def run_episode(
             observation, done = f"error: {action.message}", False
         else:
             assert isinstance(action, ToolCall)
-            result = await env.step(action)
+            result = await call_env(env.step(action), "step", limits.env_call_timeout_s)
             observation, done = result.observation, result.done
         if done:
             terminal = True
@@ -135,7 +151,7 @@ async def run_episode(
     else:
         events.append(Event("truncated", limits.max_turns - 1, {"reason": "max_turns"}))
 
-    score = await env.score()
+    score = await call_env(env.score(), "score", limits.env_call_timeout_s)
     if on_event is not None:
         for e in events:
             on_event(e)

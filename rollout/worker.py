@@ -16,10 +16,11 @@ from typing import Any
 import ray
 
 from relayrl.config import EnvConfig, RolloutConfig
+from relayrl.envs.sandbox import SandboxError
 from relayrl.registry import envs, parsers
 from relayrl.types import Trajectory
 
-from .agent import AgentLimits, EpisodeJob, run_episode
+from .agent import AgentLimits, EnvTimeout, EpisodeJob, call_env, run_episode
 from .chat import ChatFormat
 from .client import EngineError, HttpEngineClient
 
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 def make_env_factory(env_cfg: EnvConfig):
     """Resolve ``env.name`` and return a zero-argument constructor (checked at start-up)."""
-    import relayrl.envs.toy  # noqa: F401  (registers the built-in envs)
+    import relayrl.envs.coding  # noqa: F401  (registers the built-in envs)
+    import relayrl.envs.toy  # noqa: F401
 
     cls = envs.resolve(env_cfg.name, "env.name")
     kwargs = dict(env_cfg.kwargs)
@@ -60,27 +62,35 @@ class RolloutWorker:
             max_context_tokens=rollout_cfg.max_context_tokens,
             temperature=rollout_cfg.temperature,
             top_p=rollout_cfg.top_p,
+            env_call_timeout_s=env_cfg.call_timeout_s,
         )
         self._sem = asyncio.Semaphore(rollout_cfg.episodes_per_worker)
 
     async def _episode(self, job: EpisodeJob) -> Trajectory:
+        """Run ``job``; a dead engine or sandbox is retried, any other failure is recorded."""
         attempts = self.cfg.max_episode_retries + 1
-        error = ""
+        kind = error = ""
         for _ in range(attempts):
             env = self.env_factory()
             try:
                 return await run_episode(job, env, self.engine, self.chat, self.parser, self.limits)
-            except EngineError as e:  # the engine died or timed out: retry the whole episode
-                error = f"engine: {e}"
+            except EngineError as e:
+                kind, error = "engine", str(e)
+            except SandboxError as e:
+                kind, error = "sandbox", str(e)
+            except EnvTimeout as e:
+                kind, error = "env_timeout", str(e)
+                break
             except Exception as e:  # a bug in a user env must not kill the worker
-                error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
+                kind, error = "env_error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
                 break
             finally:
                 try:
-                    await env.close()
+                    await call_env(env.close(), "close", self.limits.env_call_timeout_s)
                 except Exception:
                     log.exception("env.close failed")
-        return Trajectory(job.trajectory_id, [], 0.0, {}, failed=True, error=error)
+        log.warning("episode %s failed (%s): %s", job.trajectory_id, kind, error.splitlines()[0] if error else "")
+        return Trajectory(job.trajectory_id, [], 0.0, {}, failed=True, error=error, failure_kind=kind)
 
     async def _run_one(self, job: EpisodeJob) -> str:
         async with self._sem:

@@ -1,0 +1,298 @@
+"""The coding-agent environment: a task's workspace in a sandbox, five tools, hidden tests.
+
+A task (schema in ``envs/tasks/README.md``) is a workspace snapshot, an instruction, visible
+tests and hidden tests. An episode::
+
+    reset(task)   a fresh sandbox holding the task's files and its visible tests (under tests/)
+    step(call)    bash | read_file | write_file | run_tests | submit, checked before they run
+    score()       the hidden tests, run on a clean copy of the final workspace
+    close()       every sandbox closed, no process left
+
+What scoring guards against, and what it does not
+-------------------------------------------------
+The agent never sees the hidden tests: they exist only in a second sandbox, created after the
+agent's last command, under a directory name drawn at random. That sandbox starts from a
+snapshot of the agent's files, so nothing the agent left running can touch it. pytest runs
+with ``python -I`` (no PYTHON* variables, no user site, the workspace is not on ``sys.path``
+until pytest adds it, so a ``sitecustomize.py`` or a module shadowing ``pytest`` in the
+workspace is never imported first), with ``--noconftest`` (an agent's ``conftest.py`` cannot
+rewrite outcomes) and with our own ini file via ``-c`` (an agent's ``pytest.ini``,
+``pyproject.toml``, ``tox.ini`` or ``setup.cfg`` cannot add options or plug-ins). Edits to the
+visible tests change nothing: only hidden tests count.
+
+Not covered here: the agent's module is imported by the hidden tests, so code in it runs inside
+the scoring pytest process and can tamper with pytest from within (patching its reporting, for
+one). Catching that is the anti-hack gate's work (rules + judge on every tool call), and the
+scoring sandbox still bounds what such code can reach.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Literal
+
+from relayrl.registry import envs, import_dotted
+from relayrl.types import ToolCall
+
+from .base import Reset, Score, StepResult
+from .sandbox import ExecResult, Sandbox, SandboxLimits, SandboxProvider, SandboxPathError
+from .tools import Param, Tool, check_call
+
+TOOLS: dict[str, Tool] = {t.name: t for t in (
+    Tool("bash", "Run a shell command (bash -c) in the workspace root. No network.",
+         (Param("command", "string", "The command line."),)),
+    Tool("read_file", "Read a text file of the workspace.",
+         (Param("path", "string", "Path relative to the workspace root."),)),
+    Tool("write_file", "Create or overwrite a file of the workspace with the given content.",
+         (Param("path", "string", "Path relative to the workspace root."),
+          Param("content", "string", "The whole new content of the file."))),
+    Tool("run_tests", "Run the visible tests (tests/ in the workspace) with pytest."),
+    Tool("submit", "Finish: your workspace is final and will be graded."),
+)}
+
+SYSTEM_PROMPT = (
+    "You are a careful software engineer working in a sandboxed workspace with no network. "
+    "Use the tools to inspect the files, change them and run the tests. Solve the task in "
+    "the code itself; do not change or special-case the tests. When the task is done, call submit."
+)
+
+SHIPPED_TASKS = Path(__file__).parent / "tasks" / "python_tasks.jsonl"
+
+VISIBLE_TEST_COMMAND = "python -m pytest -q -p no:cacheprovider tests"
+
+TASK_FILE_LISTS = ("files", "visible_tests", "hidden_tests", "solution")
+
+
+def make_sandbox_provider(spec: dict[str, Any] | None) -> SandboxProvider:
+    """A provider from ``env.kwargs.sandbox``.
+
+    ``{kind: local, <SandboxLimits fields>}`` (the default), ``{kind: remote, url, token}``, or
+    ``{kind: "my_pkg.mod:MyProvider", ...}`` whose remaining keys are its constructor's kwargs.
+    """
+    spec = dict(spec or {})
+    kind = spec.pop("kind", "local")
+    if kind == "local":
+        from .local_sandbox import LocalSandboxProvider
+
+        root = spec.pop("root", None)
+        unknown = sorted(set(spec) - set(SandboxLimits.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"sandbox: unknown key(s) {', '.join(unknown)} for a local sandbox; "
+                             f"the limits are {', '.join(SandboxLimits.__dataclass_fields__)}")
+        return LocalSandboxProvider(limits=SandboxLimits(**spec), root=root)
+    if kind == "remote":
+        from .remote_sandbox import RemoteSandboxProvider
+
+        if "url" not in spec:
+            raise ValueError("sandbox: a remote sandbox needs a url, e.g. {kind: remote, url: http://host:8700}")
+        return RemoteSandboxProvider(**spec)
+    if "." in kind or ":" in kind:
+        return import_dotted(kind)(**spec)
+    raise ValueError(f"sandbox.kind: {kind!r} is not local, remote or a dotted path 'pkg.mod:Provider'")
+
+
+def _file_list(task: dict[str, Any], key: str) -> dict[str, str]:
+    entries = task.get(key) or []
+    out: dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
+                or not isinstance(entry.get("content"), str):
+            raise ValueError(f"task {task.get('id')!r}: {key}[{i}] must be {{path: str, content: str}}")
+        out[entry["path"]] = entry["content"]
+    return out
+
+
+@envs.register("coding")
+class CodingEnv:
+    """Solve a Python task in a sandbox; scored by hidden tests.
+
+    Args:
+        sandbox: the sandbox provider spec (see ``make_sandbox_provider``); limits apply per command.
+        reward: ``pass_fraction`` (hidden tests passed / run) or ``all_pass`` (1 only if all pass).
+        max_argument_bytes: the largest tool argument accepted (a longer one is an error observation).
+        max_read_bytes: ``read_file`` returns at most this many bytes (with a marker if cut).
+        test_timeout_s: wall clock for the visible tests (``run_tests``) and the hidden tests.
+        system_prompt: replaces the default system message.
+    """
+
+    def __init__(self, sandbox: dict[str, Any] | None = None,
+                 reward: Literal["pass_fraction", "all_pass"] = "pass_fraction",
+                 max_argument_bytes: int = 64 << 10, max_read_bytes: int = 16 << 10,
+                 test_timeout_s: float = 60.0, system_prompt: str | None = None) -> None:
+        if reward not in ("pass_fraction", "all_pass"):
+            raise ValueError(f"reward must be 'pass_fraction' or 'all_pass', not {reward!r}")
+        if max_argument_bytes <= 0 or max_read_bytes <= 0 or test_timeout_s <= 0:
+            raise ValueError("max_argument_bytes, max_read_bytes and test_timeout_s must be > 0")
+        if sandbox is not None and not isinstance(sandbox, dict):
+            raise ValueError("sandbox must be a mapping like {kind: local, timeout_s: 30}")
+        self.sandbox_spec = sandbox
+        self.reward_kind = reward
+        self.max_argument_bytes = max_argument_bytes
+        self.max_read_bytes = max_read_bytes
+        self.test_timeout_s = test_timeout_s
+        self.system_prompt = system_prompt or SYSTEM_PROMPT
+        self._provider: SandboxProvider | None = None
+        self._sandbox: Sandbox | None = None
+        self._task: dict[str, Any] = {}
+        self._counts: dict[str, float] = {}
+        self._submitted = False
+
+    # ---- tasks ----
+
+    @staticmethod
+    def default_tasks(seed: int = 0) -> list[dict[str, Any]]:
+        """The Python tasks shipped with relayrl (``envs/tasks/python``)."""
+        with SHIPPED_TASKS.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    @staticmethod
+    def check_task(task: dict[str, Any]) -> None:
+        """Raise ValueError naming what is wrong with a task (run on every task at start-up)."""
+        if not isinstance(task.get("id"), str) or not task["id"]:
+            raise ValueError("a task needs a non-empty string 'id'")
+        if not isinstance(task.get("instruction"), str) or not task["instruction"].strip():
+            raise ValueError(f"task {task['id']!r}: 'instruction' must be non-empty text")
+        for key in TASK_FILE_LISTS:
+            _file_list(task, key)
+        if not task.get("hidden_tests"):
+            raise ValueError(f"task {task['id']!r}: 'hidden_tests' is empty; the reward comes from them")
+        for entry in task.get("visible_tests") or []:
+            if not entry["path"].startswith("tests/"):
+                raise ValueError(f"task {task['id']!r}: visible test {entry['path']!r} must be under tests/")
+
+    @staticmethod
+    def reference_calls(task: dict[str, Any]) -> list[ToolCall] | None:
+        """Tool calls that write the task's reference solution and submit (None if it has none)."""
+        solution = _file_list(task, "solution") if task.get("solution") else {}
+        if not solution:
+            return None
+        calls = [ToolCall("write_file", {"path": p, "content": c}) for p, c in sorted(solution.items())]
+        return calls + [ToolCall("submit", {})]
+
+    # ---- episode ----
+
+    async def reset(self, task: dict[str, Any]) -> Reset:
+        self.check_task(task)
+        self._task = task
+        self._counts = {"tool_calls": 0.0, "tool_errors": 0.0, "command_timeouts": 0.0}
+        self._submitted = False
+        self._provider = make_sandbox_provider(self.sandbox_spec)
+        files = {**_file_list(task, "files"), **_file_list(task, "visible_tests")}
+        self._sandbox = await self._provider.create(files)
+        listing = "\n".join(f"- {p}" for p in sorted(files))
+        user = f"{task['instruction'].strip()}\n\nFiles in the workspace:\n{listing}"
+        messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
+        return Reset(messages=messages, tools=[t.schema() for t in TOOLS.values()])
+
+    async def step(self, call: ToolCall) -> StepResult:
+        assert self._sandbox is not None, "step() before reset()"
+        self._counts["tool_calls"] += 1
+        problem = check_call(call, TOOLS, self.max_argument_bytes)
+        if problem is not None:
+            self._counts["tool_errors"] += 1
+            return StepResult(observation=f"error: {problem}", info={"tool_error": True})
+        args = call.arguments
+        if call.name == "submit":
+            self._submitted = True
+            return StepResult(observation="submitted", done=True)
+        if call.name == "bash":
+            return StepResult(observation=self._exec_observation(await self._sandbox.exec(args["command"])))
+        if call.name == "run_tests":
+            result = await self._sandbox.exec(VISIBLE_TEST_COMMAND, timeout=self.test_timeout_s)
+            return StepResult(observation=self._exec_observation(result))
+        try:
+            if call.name == "read_file":
+                data = await self._sandbox.read_file(args["path"])
+                return StepResult(observation=self._clip(data))
+            await self._sandbox.write_file(args["path"], args["content"])
+            return StepResult(observation=f"wrote {len(args['content'].encode('utf-8'))} bytes to {args['path']}")
+        except SandboxPathError as e:
+            self._counts["tool_errors"] += 1
+            return StepResult(observation=f"error: {e}", info={"tool_error": True})
+
+    async def score(self) -> Score:
+        assert self._sandbox is not None and self._provider is not None, "score() before reset()"
+        start = time.monotonic()
+        final = await self._sandbox.snapshot()
+        await self._sandbox.close()  # nothing the agent started outlives its turn
+        hidden_dir = f".grading_{secrets.token_hex(8)}"
+        files: dict[str, bytes | str] = dict(final)
+        for path, content in _file_list(self._task, "hidden_tests").items():
+            files[f"{hidden_dir}/{path}"] = content
+        # pytest reads ini paths relative to the ini file: ".." is the workspace root.
+        files[f"{hidden_dir}/pytest.ini"] = "[pytest]\npythonpath = ..\n"
+        grader = await self._provider.create(files)
+        try:
+            result = await grader.exec(
+                f"python -I -m pytest -q -p no:cacheprovider --noconftest -c {hidden_dir}/pytest.ini "
+                f"--rootdir=. --junitxml={hidden_dir}/report.xml {hidden_dir}",
+                timeout=self.test_timeout_s)
+            try:
+                report = await grader.read_file(f"{hidden_dir}/report.xml")
+            except SandboxPathError:
+                report = b""
+        finally:
+            await grader.close()
+        passed, total = junit_counts(report)
+        fraction = passed / total if total else 0.0
+        all_pass = float(total > 0 and passed == total)
+        reward = fraction if self.reward_kind == "pass_fraction" else all_pass
+        details = {
+            **self._counts,
+            "hidden_passed": float(passed), "hidden_total": float(total),
+            "pass_fraction": fraction, "all_pass": all_pass,
+            "submitted": float(self._submitted),
+            "grading_timed_out": float(result.timed_out),
+            "grading_no_report": float(not report),
+            "network_isolated": float(getattr(self._provider, "network_isolated", False)),
+            "score_seconds": time.monotonic() - start,
+        }
+        return Score(reward=reward, details=details)
+
+    async def close(self) -> None:
+        if self._sandbox is not None:
+            await self._sandbox.close()
+        if self._provider is not None:
+            await self._provider.close()
+        self._sandbox = self._provider = None
+
+    # ---- observations ----
+
+    def _exec_observation(self, result: ExecResult) -> str:
+        if result.timed_out:
+            self._counts["command_timeouts"] += 1
+        head = f"[exit code {result.exit_code}" + (", timed out: the command was killed" if result.timed_out else "") + "]"
+        parts = [head]
+        if result.stdout:
+            parts.append(result.stdout.rstrip("\n"))
+        if result.stderr:
+            parts.append("[stderr]\n" + result.stderr.rstrip("\n"))
+        return "\n".join(parts)
+
+    def _clip(self, data: bytes) -> str:
+        if len(data) <= self.max_read_bytes:
+            return data.decode("utf-8", errors="replace")
+        kept = data[: self.max_read_bytes].decode("utf-8", errors="ignore")
+        return kept + f"\n[... file truncated: {len(data) - self.max_read_bytes} more bytes; use bash (sed -n) to read a range ...]"
+
+
+def junit_counts(report: bytes) -> tuple[int, int]:
+    """(passed, total) test cases of a pytest junit XML report; (0, 0) if empty or unreadable.
+
+    A test case passed when it has no failure, error or skipped child; a file that failed to
+    import appears as one errored case.
+    """
+    if not report:
+        return 0, 0
+    try:
+        root = ET.fromstring(report)
+    except ET.ParseError:
+        return 0, 0
+    cases = root.findall(".//testcase")
+    bad = {"failure", "error", "skipped"}
+    passed = sum(1 for c in cases if not any(child.tag in bad for child in c))
+    return passed, len(cases)

@@ -74,7 +74,7 @@ def check_call(call: ToolCall, tools: dict[str, Tool], max_argument_bytes: int) 
     for name, value in call.arguments.items():
         expected = _JSON_TYPES[params[name].type]
         if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
-            return f"{tool.name}: argument {name!r} must be a {params[name].type}, got {_json_type(value)}"
+            return f"{tool.name}: argument {name!r} must be of type {params[name].type}, got {_json_type(value)}"
         size = _utf8_size(value)
         if size is None:
             return f"{tool.name}: argument {name!r} is not valid UTF-8 text"

@@ -9,17 +9,21 @@ sub-trace is marked ``terminal=False`` so GAE bootstraps from the critic's value
 from __future__ import annotations
 
 import asyncio
+import logging
+import traceback
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
 from relayrl.envs.base import Env, task_domain
+from relayrl.envs.sandbox import SandboxError
 from relayrl.types import Event, ParseError, SubTrace, ToolCall, Trajectory
 
 from .chat import ChatFormat
-from .engine import Engine, GenerateRequest, SamplingParams
+from .engine import Engine, EngineError, GenerateRequest, SamplingParams
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -173,3 +177,35 @@ async def run_episode(
     metrics = {"turns": float(turns), "response_tokens": float(gen_tokens),
                "truncated": float(not terminal), **{f"env/{k}": float(v) for k, v in score.details.items()}}
     return Trajectory(job.trajectory_id, [sub], float(score.reward), metrics)
+
+
+async def run_episode_with_retries(job: EpisodeJob, make_env: Callable[[], Env], engine: Engine,
+                                   chat: ChatFormat, parser: Any, limits: AgentLimits,
+                                   max_retries: int) -> Trajectory:
+    """``run_episode`` that never raises: a dead engine or sandbox is retried up to
+    ``max_retries`` times with a fresh env; an env timeout or an env bug fails the episode at
+    once. A failed episode comes back as a ``Trajectory`` with ``failed=True``, its error and
+    ``failure_kind`` (``engine``, ``sandbox``, ``env_timeout``, ``env_error``), so the run goes on
+    and the count reaches the metrics."""
+    kind = error = ""
+    for _ in range(max_retries + 1):
+        env = make_env()
+        try:
+            return await run_episode(job, env, engine, chat, parser, limits)
+        except EngineError as e:
+            kind, error = "engine", str(e)
+        except SandboxError as e:
+            kind, error = "sandbox", str(e)
+        except EnvTimeout as e:
+            kind, error = "env_timeout", str(e)
+            break
+        except Exception as e:  # a bug in a user env must not kill the worker
+            kind, error = "env_error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
+            break
+        finally:
+            try:
+                await call_env(env.close(), "close", limits.env_call_timeout_s)
+            except Exception:
+                log.exception("env.close failed")
+    log.warning("episode %s failed (%s): %s", job.trajectory_id, kind, error.splitlines()[0] if error else "")
+    return Trajectory(job.trajectory_id, [], 0.0, {}, failed=True, error=error, failure_kind=kind)

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import traceback
 from typing import Any
 
 import ray
 
 from relayrl.config import EnvConfig, RolloutConfig
-from relayrl.envs.sandbox import SandboxError
 from relayrl.registry import envs, parsers
 from relayrl.types import Trajectory
 
-from .agent import AgentLimits, EnvTimeout, EpisodeJob, call_env, run_episode
+from .agent import AgentLimits, EpisodeJob, run_episode_with_retries
 from .chat import ChatFormat
-from .client import EngineError, HttpEngineClient
+from .client import HttpEngineClient
 
 log = logging.getLogger(__name__)
 
@@ -67,30 +65,8 @@ class RolloutWorker:
         self._sem = asyncio.Semaphore(rollout_cfg.episodes_per_worker)
 
     async def _episode(self, job: EpisodeJob) -> Trajectory:
-        """Run ``job``; a dead engine or sandbox is retried, any other failure is recorded."""
-        attempts = self.cfg.max_episode_retries + 1
-        kind = error = ""
-        for _ in range(attempts):
-            env = self.env_factory()
-            try:
-                return await run_episode(job, env, self.engine, self.chat, self.parser, self.limits)
-            except EngineError as e:
-                kind, error = "engine", str(e)
-            except SandboxError as e:
-                kind, error = "sandbox", str(e)
-            except EnvTimeout as e:
-                kind, error = "env_timeout", str(e)
-                break
-            except Exception as e:  # a bug in a user env must not kill the worker
-                kind, error = "env_error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
-                break
-            finally:
-                try:
-                    await call_env(env.close(), "close", self.limits.env_call_timeout_s)
-                except Exception:
-                    log.exception("env.close failed")
-        log.warning("episode %s failed (%s): %s", job.trajectory_id, kind, error.splitlines()[0] if error else "")
-        return Trajectory(job.trajectory_id, [], 0.0, {}, failed=True, error=error, failure_kind=kind)
+        return await run_episode_with_retries(job, self.env_factory, self.engine, self.chat, self.parser,
+                                              self.limits, self.cfg.max_episode_retries)
 
     async def _run_one(self, job: EpisodeJob) -> str:
         async with self._sem:

@@ -39,7 +39,7 @@ from relayrl.registry import envs, import_dotted
 from relayrl.types import ToolCall
 
 from .base import Reset, Score, StepResult
-from .sandbox import ExecResult, Sandbox, SandboxLimits, SandboxProvider, SandboxPathError
+from .sandbox import ExecResult, Sandbox, SandboxError, SandboxLimits, SandboxPathError, SandboxProvider
 from .tools import Param, Tool, check_call
 
 TOOLS: dict[str, Tool] = {t.name: t for t in (
@@ -172,6 +172,31 @@ class CodingEnv:
             return None
         calls = [ToolCall("write_file", {"path": p, "content": c}) for p, c in sorted(solution.items())]
         return calls + [ToolCall("submit", {})]
+
+    async def preflight(self) -> list[str]:
+        """Before a run: the sandbox starts and can run pytest with the tests' interpreter.
+
+        Returns warnings (no network isolation); raises ValueError on a problem no episode
+        could get past, so the run stops at start-up with it instead of failing every episode.
+        """
+        provider = make_sandbox_provider(self.sandbox_spec)
+        try:
+            sandbox = await provider.create({})
+            try:
+                result = await sandbox.exec("python -c 'import pytest'", timeout=60)
+            finally:
+                await sandbox.close()
+            if not result.ok:
+                raise ValueError(f"the sandbox cannot run pytest (exit code {result.exit_code}, "
+                                 f"timed out: {result.timed_out}): {(result.stderr or result.stdout)[-600:]}")
+            if not getattr(provider, "network_isolated", False):
+                return ["sandbox commands are NOT network-isolated on this host (no network namespace): "
+                        "the policy's code can reach the network. Metrics show env/network_isolated=0."]
+            return []
+        except SandboxError as e:
+            raise ValueError(f"the sandbox does not work: {e}") from None
+        finally:
+            await provider.close()
 
     # ---- episode ----
 

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +69,20 @@ def rollout_metrics(groups: list[list[Trajectory]], subs: list[SubTrace]) -> dic
         versions = [s.weight_version for s in subs]
         out["rollout/min_weight_version"] = float(min(versions))
     return out
+
+
+def preflight_env(env: Any) -> None:
+    """Run the env's optional ``preflight()`` (does its sandbox work, is it isolated?) before
+    anything expensive starts: a problem is a ConfigError, a warning is printed loudly."""
+    preflight = getattr(env, "preflight", None)
+    if preflight is None:
+        return
+    try:
+        warnings = asyncio.run(preflight())
+    except ValueError as e:
+        raise ConfigError(f"env: {e}") from None
+    for warning in warnings:
+        print(f"\n*** relayrl WARNING: {warning} ***\n", file=sys.stderr, flush=True)
 
 
 def quiet_env() -> dict[str, str]:
@@ -133,11 +148,12 @@ class Job:
         self.env_factory = make_env_factory(self.cfg.env)
         make_parser(self.cfg.rollout.parser)
         try:
-            env_cls = type(self.env_factory())
+            env = self.env_factory()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"env.kwargs: the environment {self.cfg.env.name!r} rejected its arguments "
                               f"{self.cfg.env.kwargs}: {e}. Fix env.kwargs.") from None
-        self.tasks = load_tasks(self.cfg.env, env_cls, self.cfg.run.seed)
+        self.tasks = load_tasks(self.cfg.env, type(env), self.cfg.run.seed)
+        preflight_env(env)
         if self.cfg.trainer.backend != "deepspeed":
             raise ConfigError("trainer.backend: only 'deepspeed' is available in this version")
         if self.cfg.engine.kind == "sglang":

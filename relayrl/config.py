@@ -122,6 +122,38 @@ class EnvConfig(_Section):
     failed with the error (counted in ``rollout/failed_env_timeout``) and the run goes on."""
 
 
+DEFAULT_COMPACTION_PROMPT = (
+    "Your context is almost full. Summarise your progress so far for yourself: the task, what you "
+    "have done, what you found, what is left, and anything you must not forget. Your summary will "
+    "replace the conversation so far. Reply with the summary only, no tool call."
+)
+
+
+class CompactionConfig(_Section):
+    enabled: bool = False
+    """Compact long episodes: the policy summarises its progress and the episode continues in a
+    new context (a new sub-trace of the same trajectory)."""
+    compactor: str = "policy"
+    """A registry name (``policy``: the policy writes the summary) or ``package.module:Class``
+    (constructed with this section)."""
+    max_context_tokens: int = Field(1536, ge=16)
+    """Compact before a turn whose context plus ``rollout.max_new_tokens`` would pass this. Must
+    leave room below ``rollout.max_context_tokens`` for the request and the summary."""
+    max_turns_per_segment: int | None = Field(None, ge=1)
+    """Also compact after this many turns in one sub-trace; None = only on length."""
+    prompt: str = DEFAULT_COMPACTION_PROMPT
+    """The user message that asks for the summary."""
+    summary_max_tokens: int = Field(256, ge=1)
+    """Tokens the summary may take."""
+    keep_last_turns: int = Field(1, ge=0)
+    """Turns (assistant message + its observation) carried verbatim into the new context after
+    the summary; 1 keeps the observation the agent has not answered yet."""
+    train_summary: bool = True
+    """Train on the summary tokens (loss_mask 1): summarising is an action the reward reaches."""
+    max_segments: int = Field(16, ge=1)
+    """Sub-traces per trajectory; an episode that needs more is cut (truncated)."""
+
+
 class AlgorithmConfig(_Section):
     estimator: Literal["gae", "grpo"] = "gae"
     """``gae``: critic PPO with token-level advantages. ``grpo``: critic-free group-relative."""
@@ -226,6 +258,7 @@ class Config(_Section):
     engine: EngineConfig = EngineConfig()
     rollout: RolloutConfig = RolloutConfig()
     env: EnvConfig = EnvConfig()
+    compaction: CompactionConfig = CompactionConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     trainer: TrainerConfig = TrainerConfig()
     train: TrainConfig = TrainConfig()
@@ -242,6 +275,14 @@ class Config(_Section):
             raise ValueError(
                 "rollout.group_size: the grpo estimator compares episodes of the same task; "
                 "set it to 2 or more (or use algorithm.estimator=gae)"
+            )
+        c = self.compaction
+        if c.enabled and c.max_context_tokens + c.summary_max_tokens >= self.rollout.max_context_tokens:
+            raise ValueError(
+                "compaction.max_context_tokens: it plus compaction.summary_max_tokens "
+                f"({c.max_context_tokens} + {c.summary_max_tokens}) must stay below "
+                f"rollout.max_context_tokens ({self.rollout.max_context_tokens}) so the summary fits; "
+                "lower one of the first two or raise the last"
             )
         if self.engine.kind == "external" and not self.engine.urls:
             raise ValueError("engine.urls: engine.kind=external needs the servers' base URLs")

@@ -23,6 +23,7 @@ from relayrl.config import Config, ConfigError, dump_config
 from relayrl.metrics import MetricsLogger
 from relayrl.model import resolve_model_path
 from relayrl.rollout.buffer import Buffer
+from relayrl.rollout.compaction import make_compactor
 from relayrl.rollout.client import HttpEngineClient
 from relayrl.rollout.worker import RolloutWorkerActor, make_env_factory, make_parser
 from relayrl.types import SubTrace, Trajectory
@@ -147,6 +148,7 @@ class Job:
         self.model_path = str(resolve_model_path(self.cfg.model.path, self.cfg.model.cache_dir))
         self.env_factory = make_env_factory(self.cfg.env)
         make_parser(self.cfg.rollout.parser)
+        make_compactor(self.cfg.compaction)
         try:
             env = self.env_factory()
         except (TypeError, ValueError) as e:
@@ -197,7 +199,8 @@ class Job:
             str(self.run_dir), cfg.rollout.group_size, cfg.rollout.max_weight_lag)
         self.workers = [
             RolloutWorkerActor.options(num_cpus=0).remote(
-                cfg.rollout, cfg.env, self.model_path, urls, self.buffer, cfg.engine.request_timeout_s)
+                cfg.rollout, cfg.env, self.model_path, urls, self.buffer, cfg.engine.request_timeout_s,
+                cfg.compaction)
             for _ in range(cfg.rollout.num_workers)
         ]
 

@@ -2,8 +2,15 @@
 
 Per turn: generate from the exact token context, parse the tool call, step the env, append the
 observation with loss_mask 0, until the env says done, the agent answers without a tool call,
-or a cap (turns, context tokens) cuts the episode. A cap is truncation, not termination: the
-sub-trace is marked ``terminal=False`` so GAE bootstraps from the critic's value there.
+or a cap (turns, context tokens, segments) cuts the episode. A cap is truncation, not
+termination: the last sub-trace is marked ``terminal=False``.
+
+With a ``Compactor`` (``rollout/compaction.py``), a turn whose context would grow past the
+compactor's limit ends its sub-trace instead: the observation and a summary request are
+appended, the policy writes the summary (the sub-trace's last action), and the episode goes on
+in a fresh context rebuilt from the start messages, the summary and the last turns, as the next
+sub-trace of the same trajectory. Only the last sub-trace carries the reward; GAE carries it
+back across the cuts.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from relayrl.envs.sandbox import SandboxError
 from relayrl.types import Event, ParseError, SubTrace, ToolCall, Trajectory
 
 from .chat import ChatFormat
+from .compaction import Compactor
 from .engine import Engine, EngineError, GenerateRequest, SamplingParams
 
 T = TypeVar("T")
@@ -89,6 +97,21 @@ class _Context:
         self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
 
 
+@dataclass
+class _Segment:
+    """One context window of the episode: becomes one sub-trace."""
+
+    ctx: _Context = field(default_factory=_Context)
+    events: list[Event] = field(default_factory=list)
+    weight_version: int | None = None
+    turns: int = 0
+
+
+def _sampling(limits: AgentLimits, chat: ChatFormat, budget: int, seed: int | None) -> SamplingParams:
+    return SamplingParams(max_new_tokens=budget, temperature=limits.temperature, top_p=limits.top_p,
+                          stop_token_ids=chat.stop_token_ids, seed=seed)
+
+
 async def run_episode(
     job: EpisodeJob,
     env: Env,
@@ -96,47 +119,44 @@ async def run_episode(
     chat: ChatFormat,
     parser: Any,
     limits: AgentLimits,
+    compactor: Compactor | None = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> Trajectory:
-    """Run one episode to its end and return its trajectory (one sub-trace, no compaction)."""
+    """Run one episode to its end and return its trajectory: one sub-trace per context window
+    (more than one only when ``compactor`` compacts)."""
     reset = await call_env(env.reset(job.task), "reset", limits.env_call_timeout_s)
     tools = reset.tools or None
-    messages = chat.with_tool_instructions(list(reset.messages), reset.tools)
-    ctx = _Context()
-    ctx.extend(chat.prompt_ids(messages, tools), 0)
-    events: list[Event] = []
+    start = chat.with_tool_instructions(list(reset.messages), reset.tools)
+    messages = list(start)
+    history: list[list[dict[str, str]]] = []  # [assistant, observation] per turn, for rebuilds
+    seg = _Segment()
+    seg.ctx.extend(chat.prompt_ids(messages, tools), 0)
+    segments = [seg]
     terminal = False
-    weight_version: int | None = None
-    turns = 0
     gen_tokens = 0
 
     for turn in range(limits.max_turns):
-        budget = min(limits.max_new_tokens, limits.max_context_tokens - len(ctx.tokens))
+        budget = min(limits.max_new_tokens, limits.max_context_tokens - len(seg.ctx.tokens))
         if budget <= 0:
-            events.append(Event("truncated", turn, {"reason": "context"}))
+            seg.events.append(Event("truncated", turn, {"reason": "context"}))
             break
-        sampling = SamplingParams(
-            max_new_tokens=budget,
-            temperature=limits.temperature,
-            top_p=limits.top_p,
-            stop_token_ids=chat.stop_token_ids,
-            seed=turn_seed(job.seed, turn),
-        )
-        completion = await engine.generate(GenerateRequest(list(ctx.tokens), sampling))
-        if weight_version is None:
-            weight_version = completion.weight_version
-        ctx.extend(completion.output_ids, 1, completion.output_logprobs)
-        turns += 1
+        completion = await engine.generate(GenerateRequest(
+            list(seg.ctx.tokens), _sampling(limits, chat, budget, turn_seed(job.seed, turn))))
+        if seg.weight_version is None:
+            seg.weight_version = completion.weight_version
+        seg.ctx.extend(completion.output_ids, 1, completion.output_logprobs)
+        seg.turns += 1
         gen_tokens += len(completion.output_ids)
         text = chat.tok.decode(completion.output_ids, skip_special_tokens=True)
-        messages.append({"role": "assistant", "content": text})
+        assistant = {"role": "assistant", "content": text}
+        messages.append(assistant)
 
         action = parser.parse(text)
         if action is None:  # a plain answer ends the episode
             terminal = True
             break
         if isinstance(action, ParseError):
-            events.append(Event("parse_error", turn, {"message": action.message}))
+            seg.events.append(Event("parse_error", turn, {"message": action.message}))
             observation, done = f"error: {action.message}", False
         else:
             assert isinstance(action, ToolCall)
@@ -146,42 +166,81 @@ async def run_episode(
             terminal = True
             break
         stopped = completion.finish_reason == "stop"
-        obs_ids = chat.continuation_ids(messages, tools, observation, stopped)
-        messages.append({"role": chat.observation_role, "content": observation})
-        if len(ctx.tokens) + len(obs_ids) >= limits.max_context_tokens:
-            events.append(Event("truncated", turn, {"reason": "context"}))
+        obs_msg = {"role": chat.observation_role, "content": observation}
+        obs_ids = chat.continuation_ids(messages, tools, [obs_msg], stopped)
+        history.append([assistant, obs_msg])
+        if compactor is not None and compactor.should_compact(len(seg.ctx.tokens) + len(obs_ids), seg.turns,
+                                                              limits.max_new_tokens):
+            if len(segments) >= compactor.max_segments:
+                seg.events.append(Event("truncated", turn, {"reason": "max_segments"}))
+                break
+            request = {"role": "user", "content": compactor.request()}
+            ids = chat.continuation_ids(messages, tools, [obs_msg, request], stopped)
+            summary_budget = min(compactor.summary_max_tokens, limits.max_context_tokens - len(seg.ctx.tokens) - len(ids))
+            if summary_budget <= 0:
+                seg.events.append(Event("truncated", turn, {"reason": "context"}))
+                break
+            seg.ctx.extend(ids, 0)
+            summary = await engine.generate(GenerateRequest(
+                list(seg.ctx.tokens), _sampling(limits, chat, summary_budget, summary_seed(job.seed, len(segments)))))
+            seg.ctx.extend(summary.output_ids, int(compactor.train_summary),
+                           summary.output_logprobs if compactor.train_summary else None)
+            gen_tokens += len(summary.output_ids)
+            summary_text = chat.tok.decode(summary.output_ids, skip_special_tokens=True)
+            messages = compactor.rebuild(start, history, summary_text)
+            seg.events.append(Event("compaction", turn, {
+                "segment": len(segments) - 1, "context_tokens": len(seg.ctx.tokens),
+                "summary_tokens": len(summary.output_ids)}))
+            seg = _Segment()
+            seg.ctx.extend(chat.prompt_ids(messages, tools), 0)
+            segments.append(seg)
+            continue
+        messages.append(obs_msg)
+        if len(seg.ctx.tokens) + len(obs_ids) >= limits.max_context_tokens:
+            seg.events.append(Event("truncated", turn, {"reason": "context"}))
             break
-        ctx.extend(obs_ids, 0)
+        seg.ctx.extend(obs_ids, 0)
     else:
-        events.append(Event("truncated", limits.max_turns - 1, {"reason": "max_turns"}))
+        seg.events.append(Event("truncated", limits.max_turns - 1, {"reason": "max_turns"}))
 
     score = await call_env(env.score(), "score", limits.env_call_timeout_s)
     if on_event is not None:
-        for e in events:
+        for e in (e for sg in segments for e in sg.events):
             on_event(e)
-    sub = SubTrace(
-        tokens=ctx.tokens,
-        loss_mask=ctx.loss_mask,
-        rollout_logprobs=ctx.logprobs,
-        reward=float(score.reward),
-        trajectory_id=job.trajectory_id,
-        segment=0,
-        num_segments=1,
-        terminal=terminal,
-        domain=task_domain(job.task),
-        weight_version=weight_version or 0,
-        group_id=job.group_id,
-        task_index=job.task_index,
-        events=events,
-    )
-    metrics = {"turns": float(turns), "response_tokens": float(gen_tokens),
-               "truncated": float(not terminal), **{f"env/{k}": float(v) for k, v in score.details.items()}}
-    return Trajectory(job.trajectory_id, [sub], float(score.reward), metrics)
+    n = len(segments)
+    subs = [
+        SubTrace(
+            tokens=sg.ctx.tokens,
+            loss_mask=sg.ctx.loss_mask,
+            rollout_logprobs=sg.ctx.logprobs,
+            reward=float(score.reward) if i == n - 1 else 0.0,
+            trajectory_id=job.trajectory_id,
+            segment=i,
+            num_segments=n,
+            terminal=terminal and i == n - 1,
+            domain=task_domain(job.task),
+            weight_version=sg.weight_version or 0,
+            group_id=job.group_id,
+            task_index=job.task_index,
+            events=sg.events,
+        )
+        for i, sg in enumerate(segments)
+    ]
+    metrics = {"turns": float(sum(sg.turns for sg in segments)), "response_tokens": float(gen_tokens),
+               "segments": float(n), "truncated": float(not terminal),
+               **{f"env/{k}": float(v) for k, v in score.details.items()}}
+    return Trajectory(job.trajectory_id, subs, float(score.reward), metrics)
+
+
+def summary_seed(base: int | None, segment: int) -> int | None:
+    if base is None:
+        return None
+    return zlib.crc32(f"{base}:summary:{segment}".encode()) & 0x7FFFFFFF
 
 
 async def run_episode_with_retries(job: EpisodeJob, make_env: Callable[[], Env], engine: Engine,
                                    chat: ChatFormat, parser: Any, limits: AgentLimits,
-                                   max_retries: int) -> Trajectory:
+                                   max_retries: int, compactor: Compactor | None = None) -> Trajectory:
     """``run_episode`` that never raises: a dead engine or sandbox is retried up to
     ``max_retries`` times with a fresh env; an env timeout or an env bug fails the episode at
     once. A failed episode comes back as a ``Trajectory`` with ``failed=True``, its error and
@@ -191,7 +250,7 @@ async def run_episode_with_retries(job: EpisodeJob, make_env: Callable[[], Env],
     for _ in range(max_retries + 1):
         env = make_env()
         try:
-            return await run_episode(job, env, engine, chat, parser, limits)
+            return await run_episode(job, env, engine, chat, parser, limits, compactor)
         except EngineError as e:
             kind, error = "engine", str(e)
         except SandboxError as e:

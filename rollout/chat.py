@@ -68,15 +68,18 @@ class ChatFormat:
         self,
         messages: list[dict[str, str]],
         tools: list[dict] | None,
-        observation: str,
+        observation: str | list[dict[str, str]],
         stopped: bool,
     ) -> list[int]:
         """Ids between the last assistant turn (the last of ``messages``) and the next generation.
 
-        ``stopped``: generation ended with a stop token, which already closes the turn.
+        observation: the observation text (one message of ``observation_role``), or the new
+            messages themselves (an observation then a user request, for compaction).
+        stopped: generation ended with a stop token, which already closes the turn.
         """
+        new = [{"role": self.observation_role, "content": observation}] if isinstance(observation, str) else observation
         before = self.render(messages, tools, add_generation_prompt=False)
-        after_msgs = messages + [{"role": self.observation_role, "content": observation}]
+        after_msgs = messages + new
         after = self.render(after_msgs, tools, add_generation_prompt=True)
         if not after.startswith(before):
             raise TemplateError(

@@ -14,12 +14,13 @@ from typing import Any
 
 import ray
 
-from relayrl.config import EnvConfig, RolloutConfig
+from relayrl.config import CompactionConfig, EnvConfig, RolloutConfig
 from relayrl.registry import envs, parsers
 from relayrl.types import Trajectory
 
 from .agent import AgentLimits, EpisodeJob, run_episode_with_retries
 from .chat import ChatFormat
+from .compaction import make_compactor
 from .client import HttpEngineClient
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,14 @@ def make_parser(name: str):
 
 class RolloutWorker:
     def __init__(self, rollout_cfg: RolloutConfig, env_cfg: EnvConfig, tokenizer_path: str,
-                 engine_urls: list[str], buffer: Any, request_timeout_s: float) -> None:
+                 engine_urls: list[str], buffer: Any, request_timeout_s: float,
+                 compaction_cfg: CompactionConfig | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.cfg = rollout_cfg
         self.env_factory = make_env_factory(env_cfg)
         self.parser = make_parser(rollout_cfg.parser)
+        self.compactor = make_compactor(compaction_cfg or CompactionConfig())
         self.chat = ChatFormat(AutoTokenizer.from_pretrained(tokenizer_path), self.parser)
         self.engine = HttpEngineClient(engine_urls, timeout_s=request_timeout_s)
         self.buffer = buffer
@@ -66,7 +69,7 @@ class RolloutWorker:
 
     async def _episode(self, job: EpisodeJob) -> Trajectory:
         return await run_episode_with_retries(job, self.env_factory, self.engine, self.chat, self.parser,
-                                              self.limits, self.cfg.max_episode_retries)
+                                              self.limits, self.cfg.max_episode_retries, self.compactor)
 
     async def _run_one(self, job: EpisodeJob) -> str:
         async with self._sem:

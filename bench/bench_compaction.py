@@ -12,7 +12,7 @@ Expect: off grows with T (activations and attention of one ever longer sequence,
 context no real model has beyond its window); on stays flat in memory and grows linearly in
 time (more sub-traces, each bounded).
 
-    python bench/bench_compaction.py               # T = 8, 16, 32, 64 turns of 64 tokens, window 1024
+    python bench/bench_compaction.py               # T = 8, 16, 32, 48 turns of 64 tokens, window 1024
     python bench/bench_compaction.py --quick       # T = 4, 8, 16
 """
 
@@ -94,7 +94,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    turns_list = args.turns or ([4, 8, 16] if args.quick else [8, 16, 32, 64])
+    turns_list = args.turns or ([4, 8, 16] if args.quick else [8, 16, 32, 48])
     print(f"cpus {os.cpu_count()}, threads {args.threads}, load {os.getloadavg()[0]:.2f}; "
           f"{'tiny Llama' if args.tiny else 'SmolLM2-135M fp32'}; turn {args.turn_tokens} tokens, "
           f"window {args.window}, start {args.start_tokens}, summary {args.summary_tokens}")

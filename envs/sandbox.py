@@ -38,8 +38,9 @@ TRUNCATION_MARKER = "\n[... output truncated: {dropped} bytes dropped ...]\n"
 class ExecResult:
     """What a command did.
 
-    exit_code: the process's exit status; ``-N`` when killed by signal N (a timeout kills the
-        whole process group with SIGKILL, so ``-9`` with ``timed_out=True``).
+    exit_code: the command's exit status as a shell reports it: ``128 + N`` when killed by
+        signal N (SIGKILL from a memory or process limit: 137; SIGXCPU from the CPU limit: 152).
+        A command killed at its timeout reports ``-9`` with ``timed_out=True``.
     stdout / stderr: decoded as UTF-8 with invalid bytes replaced, each cut to the sandbox's
         output limit with ``TRUNCATION_MARKER`` where bytes were dropped.
     """

@@ -92,7 +92,7 @@ def test_tools_bash_read_write_run_tests():
     assert obs[0].startswith("[exit code 4]") and "calc.py" in obs[0] and "[stderr]\noops" in obs[0]
     assert obs[1] == STUB
     assert "1 failed" in obs[2] and "NotImplementedError" in obs[2]
-    assert obs[3] == "wrote 37 bytes to calc.py"
+    assert obs[3] == "wrote 32 bytes to calc.py"
     assert obs[4].startswith("[exit code 0]") and "1 passed" in obs[4]
 
 
@@ -132,8 +132,13 @@ def test_the_agent_never_sees_the_hidden_tests():
     marker = f"marker_{token}"
     task = {**TASK, "hidden_tests": [{"path": "test_calc_hidden.py", "content": HIDDEN + f"\n# {marker}\n"}]}
     where = ". .. /tmp /var/tmp /dev/shm $HOME"
-    obs, s = episode([ToolCall("bash", {"command": f'm=marker_; grep -rl "$m{token}" {where} 2>/dev/null; echo done'})], task=task)
-    assert obs[0] == "[exit code 0]\ndone", obs[0]
+    # Control: the same grep finds a marker that is in the workspace, so a miss means absence.
+    obs, s = episode([
+        write("notes.txt", f"control_{token}"),
+        ToolCall("bash", {"command": f'm=marker_; c=control_; grep -rl -e "${{m}}{token}" -e "${{c}}{token}" '
+                                     f'{where} 2>/dev/null | xargs -n1 basename | sort -u; echo done'}),
+    ], task=task)
+    assert obs[1] == "[exit code 0]\nnotes.txt\ndone", obs[1]
     assert s.details["hidden_total"] == 4  # and the grader did find them
 
 

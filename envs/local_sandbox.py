@@ -350,9 +350,11 @@ class LocalSandbox:
             raise SandboxPathError(f"{path}: {_why(e)}") from None
         finally:
             os.close(dfd)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise SandboxPathError(f"{path}: {'is a directory' if stat.S_ISDIR(mode) else 'not a regular file'}")
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise SandboxPathError(f"{path}: not a regular file")
             return f.read(self.limits.max_file_bytes + 1)[: self.limits.max_file_bytes]
 
     async def snapshot(self, max_total_bytes: int = 256 << 20) -> dict[str, bytes]:

@@ -6,6 +6,7 @@
     relayrl convert-model smollm2 [--cache-dir DIR]     convert the bundled SmolLM2 once
     relayrl envs list                                   the registered environments
     relayrl envs check NAME_OR_PATH [--kwargs YAML]     run the env contract on an environment
+    relayrl sandbox-server --host H --port P            serve sandboxes to other hosts (token auth)
 
 Exit codes: 0 success; 2 a user mistake (bad config, missing file, bad argument), reported as
 one paragraph naming the key and the fix, without a traceback; 130 interrupted (Ctrl-C); 1 an
@@ -73,6 +74,24 @@ def _cmd_envs_check(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _cmd_sandbox_server(args: argparse.Namespace) -> int:
+    import os
+
+    from relayrl.envs.remote_sandbox import TOKEN_ENV, is_loopback, serve
+    from relayrl.envs.sandbox import SandboxLimits
+
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token and not args.no_auth:
+        raise ConfigError(f"--token: a sandbox server needs a token (--token or ${TOKEN_ENV}); "
+                          "for a loopback-only server without one, pass --no-auth")
+    if args.no_auth and not is_loopback(args.host):
+        raise ConfigError(f"--no-auth: only allowed on a loopback --host, not {args.host}; give a --token")
+    limits = SandboxLimits(cpu_seconds=args.cpu_seconds, memory_bytes=args.memory_mb << 20,
+                           timeout_s=args.timeout, max_processes=args.max_processes)
+    serve(args.host, args.port, None if args.no_auth else token, args.max_sandboxes, args.idle_ttl, limits, args.root)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relayrl",
@@ -109,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--limit", type=int, default=3, help="check the first N tasks (default 3)")
     check.add_argument("--all-tasks", action="store_true", help="check every task")
     check.set_defaults(func=_cmd_envs_check)
+
+    p = sub.add_parser("sandbox-server", help="serve sandboxes over HTTP to rollout workers on other hosts")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8700, help="port (default 8700)")
+    p.add_argument("--token", default=None, help="bearer token clients must send (default: $RELAYRL_SANDBOX_TOKEN)")
+    p.add_argument("--no-auth", action="store_true", help="no token (loopback hosts only)")
+    p.add_argument("--max-sandboxes", type=int, default=64, help="sandboxes open at once (default 64)")
+    p.add_argument("--idle-ttl", type=float, default=900.0, help="close a sandbox unused this many seconds (default 900)")
+    p.add_argument("--cpu-seconds", type=int, default=10, help="CPU seconds per command (default 10)")
+    p.add_argument("--memory-mb", type=int, default=1024, help="address space per command in MiB (default 1024)")
+    p.add_argument("--max-processes", type=int, default=64, help="processes per command (default 64)")
+    p.add_argument("--timeout", type=float, default=30.0, help="wall-clock seconds per command (default 30)")
+    p.add_argument("--root", default=None, help="directory for workspaces (default: the system temp dir)")
+    p.set_defaults(func=_cmd_sandbox_server)
 
     p = sub.add_parser("convert-model", help="convert a bundled model to a cached safetensors checkpoint")
     p.add_argument("model", choices=["smollm2"], help="the bundled model (SmolLM2-135M-Instruct)")

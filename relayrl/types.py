@@ -64,8 +64,9 @@ class SubTrace:
     reward: the task reward, on the last sub-trace of a trajectory; 0.0 on the others.
     trajectory_id: unique id of the episode this sub-trace belongs to.
     segment, num_segments: position of this sub-trace within its trajectory.
-    terminal: the episode ended by the task (done), not by a cut or a cap; when False on the
-        last segment, GAE bootstraps from the critic's value of the final state.
+    terminal: the episode ended by the task (done), not by a compaction cut or a cap. A
+        sub-trace before a cut is never terminal and GAE continues across the cut; the last
+        sub-trace is scored by the env either way and does not bootstrap (rl/batching.py).
     domain: routes on-policy distillation teachers; "" when unused.
     weight_version: the policy version that sampled the first response token of this sub-trace.
     group_id: episodes started from the same task share it (group-relative estimators).

@@ -8,10 +8,15 @@ This is the one place where per-token quantities are lined up (see ``rl/backend.
   the return of action token i (``value_mask``/``returns``/``old_values`` are state-aligned);
 - the task reward sits on the last action token of the last sub-trace of a trajectory.
 
-Bootstrapping: the last sub-trace of a scored trajectory does not bootstrap (the episode is
-over and its reward is final, even when a turn or context cap ended it). A sub-trace that is
-followed by another sub-trace of the same trajectory bootstraps from the value of that
-sub-trace's first action state, so GAE runs across the cut.
+Across compaction cuts (``chained_gae``): a trajectory's sub-traces are processed from the last
+to the first; sub-trace i gets the value of sub-trace i+1's first action state as its
+bootstrap and the advantage of that first action as its ``next_advantage``, so the recursion
+runs on as if the trajectory had never been cut: with an identity summary (the state after the
+cut has the value the uncut state had) the advantages equal the uncut trajectory's exactly.
+
+The last sub-trace of a scored trajectory does not bootstrap: the env scored the episode and
+its reward is final, even when a turn or context cap ended it. (Bootstrapping there would add
+the critic's guess of rewards the episode can no longer earn.)
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from relayrl.config import AlgorithmConfig
 from relayrl.critic.gae import first_action_value, gae
 from relayrl.rl.advantages import group_relative_advantages, masked_whiten
+from relayrl.rl.losses import gradient_shares
 from relayrl.types import SubTrace, Trajectory
 
 Sample = dict[str, torch.Tensor]
@@ -54,18 +60,40 @@ def action_values(raw: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return v * loss_mask
 
 
-def bootstraps(subs: list[SubTrace], values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """(b,) bootstrap value per sub-trace: the next segment's first action-state value, else 0.
+def chained_gae(subs: list[SubTrace], rewards: torch.Tensor, values: torch.Tensor, masks: torch.Tensor,
+                gamma: float, lam: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over every sub-trace, continued across the cuts between sub-traces of a trajectory.
 
-    values, masks: (b, t) action-aligned values and loss masks of all sub-traces."""
-    first = first_action_value(values, masks)
-    by_key = {(s.trajectory_id, s.segment): i for i, s in enumerate(subs)}
-    out = torch.zeros(len(subs))
-    for i, s in enumerate(subs):
-        nxt = by_key.get((s.trajectory_id, s.segment + 1))
-        if nxt is not None:
-            out[i] = first[nxt]
-    return out
+    rewards, values, masks: (b, t) action-aligned, one row per sub-trace of ``subs``.
+    lam: a float or a (b,) tensor. Returns (advantages, returns), (b, t).
+
+    Rows are processed by depth from the end of their trajectory (last segments first), one
+    batched ``gae`` call per depth; a row whose next segment is absent (not in ``subs``)
+    starts a fresh recursion (bootstrap 0).
+    """
+    b = len(subs)
+    lam_b = torch.as_tensor(lam, dtype=torch.float64).expand(b) if not torch.is_tensor(lam) or lam.dim() == 0 \
+        else lam.to(torch.float64)
+    row_of = {(s.trajectory_id, s.segment): i for i, s in enumerate(subs)}
+    depth = torch.tensor([s.num_segments - 1 - s.segment for s in subs])
+    first_value = first_action_value(values, masks)
+    first_adv = torch.zeros(b, dtype=values.dtype)
+    adv = torch.zeros_like(values)
+    ret = torch.zeros_like(values)
+    for d in range(int(depth.max()) + 1 if b else 0):
+        rows = torch.nonzero(depth == d, as_tuple=False)[:, 0]
+        if len(rows) == 0:
+            continue
+        boot = torch.zeros(len(rows), dtype=values.dtype)
+        carry = torch.zeros(len(rows), dtype=values.dtype)
+        for k, i in enumerate(rows.tolist()):
+            nxt = row_of.get((subs[i].trajectory_id, subs[i].segment + 1))
+            if nxt is not None:
+                boot[k], carry[k] = first_value[nxt], first_adv[nxt]
+        a, r = gae(rewards[rows], values[rows], masks[rows], boot, gamma, lam_b[rows], carry)
+        adv[rows], ret[rows] = a, r
+        first_adv[rows] = first_action_value(a, masks[rows])
+    return adv, ret
 
 
 def rewards_tensor(subs: list[SubTrace], masks: torch.Tensor) -> torch.Tensor:
@@ -85,11 +113,10 @@ def gae_advantages(subs: list[SubTrace], samples: list[Sample], raws: list[torch
     masks = pad(masks_list)
     values = pad([action_values(r, m) for r, m in zip(raws, masks_list, strict=True)])
     rewards = rewards_tensor(subs, masks)
-    boot = bootstraps(subs, values, masks)
     # VC-PPO: the actor's advantages and the critic's targets use separate lambdas.
-    adv, ret = gae(rewards, values, masks, boot, cfg.gamma, cfg.lam_actor)
+    adv, ret = chained_gae(subs, rewards, values, masks, cfg.gamma, cfg.lam_actor)
     if cfg.lam_critic != cfg.lam_actor:
-        _, ret = gae(rewards, values, masks, boot, cfg.gamma, cfg.lam_critic)
+        _, ret = chained_gae(subs, rewards, values, masks, cfg.gamma, cfg.lam_critic)
     raw_adv = adv
     if cfg.normalize_advantages:
         adv = masked_whiten(adv, masks.float())
@@ -126,3 +153,17 @@ def grpo_advantages(subs: list[SubTrace], samples: list[Sample], cfg: AlgorithmC
     for s, smp in zip(subs, samples, strict=True):
         smp["advantages"] = smp["loss_mask"].float() * adv_of.get(s.trajectory_id, 0.0)
     return {"adv/abs_mean": float(adv.abs().mean()) if len(ids) else 0.0}
+
+
+def gradient_share_metrics(subs: list[SubTrace], cfg: AlgorithmConfig) -> dict[str, float]:
+    """How the loss weight spreads over sub-traces under ``cfg.loss_reduction``: the largest
+    share of one sub-trace, and the share of the longest over that of the shortest."""
+    if not subs:
+        return {}
+    n = torch.tensor([s.num_response_tokens for s in subs])
+    shares = gradient_shares(n, cfg.loss_reduction, cfg.loss_constant)
+    longest, shortest = int(n.argmax()), int(n.argmin())
+    return {
+        "loss/max_subtrace_share": float(shares.max()),
+        "loss/longest_over_shortest_share": float(shares[longest] / shares[shortest]) if shares[shortest] > 0 else 0.0,
+    }

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from relayrl.config import Config
 
-from .batching import base_samples, flatten, gae_advantages, grpo_advantages
+from .batching import base_samples, flatten, gae_advantages, gradient_share_metrics, grpo_advantages
 from .job import Job, rollout_metrics
 
 
@@ -37,7 +37,7 @@ def train(cfg: Config) -> Path:
                 groups = job.rollouts.collect(step, state.weight_version)
             sub_traces = flatten(groups)
             samples = base_samples(sub_traces)
-            metrics = rollout_metrics(groups, sub_traces)
+            metrics = rollout_metrics(groups, sub_traces) | gradient_share_metrics(sub_traces, cfg.algorithm)
 
             with timer("score"):
                 job.score(samples)

@@ -196,3 +196,23 @@ def reduce_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, mode: Reductio
         per_seq_count = mask.sum(dim=-1).clamp(min=1).to(per_token.dtype)
         return (summed.sum(dim=-1) / per_seq_count).sum() / normaliser
     raise ValueError(f"unknown loss reduction {mode!r}")
+
+
+def gradient_shares(num_tokens: torch.Tensor, mode: Reduction, constant: float) -> torch.Tensor:
+    """Each sequence's share of the loss weight under ``mode``: the sum of the weights
+    ``reduce_loss`` gives its tokens, over the batch's total.
+
+    num_tokens: (b,) action tokens per sequence (sub-trace). Returns (b,) shares summing to 1
+    (all 0 for an empty batch). token_mean and constant weigh every token alike, so a
+    sub-trace's share is its token fraction n_i / N; seq_mean_token_mean weighs every sequence
+    alike, 1 / B. With compaction, the first tells how much the long sub-traces dominate.
+    """
+    n = num_tokens.to(torch.float64)
+    if mode in ("token_mean", "constant"):
+        weights = n  # every token 1 / normaliser; the normaliser cancels in the share
+    elif mode == "seq_mean_token_mean":
+        weights = (n > 0).to(torch.float64)
+    else:
+        raise ValueError(f"unknown loss reduction {mode!r}")
+    total = weights.sum()
+    return weights / total if total > 0 else torch.zeros_like(weights)

@@ -37,11 +37,26 @@ def test_segment_bootstraps_from_the_next_segments_first_action_state():
     samples = base_samples([s0, s1])
     raws = [torch.tensor([0.25, 0.5]), torch.tensor([0.0, 0.75, 0.9])]
     gae_advantages([s0, s1], samples, raws, CFG)
-    # Segment 1's only action is sampled after token 1: V = 0.75; its advantage 1 - 0.75.
-    # Segment 0's action (V = 0.25) has no reward and bootstraps from 0.75: 0 + 0.75 - 0.25.
-    torch.testing.assert_close(samples[0]["advantages"], torch.tensor([0.0, 0.5]))
+    # Segment 1's only action is sampled after token 1: V = 0.75; its advantage 1 - 0.75 = 0.25.
+    # Segment 0's action (V = 0.25) has no reward, bootstraps from 0.75 and carries segment 1's
+    # advantage on (gamma = lam = 1): delta = 0 + 0.75 - 0.25 = 0.5, A = 0.5 + 0.25 = 0.75,
+    # which is 1 - 0.25, the advantage it would have in the uncut trajectory.
+    torch.testing.assert_close(samples[0]["advantages"], torch.tensor([0.0, 0.75]))
     torch.testing.assert_close(samples[1]["advantages"], torch.tensor([0.0, 0.0, 0.25]))
-    torch.testing.assert_close(samples[0]["returns"], torch.tensor([0.75, 0.0]))
+    # Critic target at segment 0's state: A + V = 1.0, the trajectory's return.
+    torch.testing.assert_close(samples[0]["returns"], torch.tensor([1.0, 0.0]))
+
+
+def test_segment_with_lambda_below_one_carries_the_next_advantage():
+    cfg = AlgorithmConfig(gamma=1.0, lam_actor=0.5, lam_critic=0.5, normalize_advantages=False)
+    s0 = sub([1, 2], [0, 1], reward=0.0, segment=0, num_segments=2)
+    s1 = sub([3, 4, 5], [0, 0, 1], reward=1.0, segment=1, num_segments=2)
+    samples = base_samples([s0, s1])
+    raws = [torch.tensor([0.25, 0.5]), torch.tensor([0.0, 0.75, 0.9])]
+    gae_advantages([s0, s1], samples, raws, cfg)
+    # A1 = 1 - 0.75 = 0.25; A0 = (0 + 0.75 - 0.25) + 1 * 0.5 * 0.25 = 0.625.
+    torch.testing.assert_close(samples[0]["advantages"], torch.tensor([0.0, 0.625]))
+    # A plain bootstrap at the cut (no carried advantage) would give 0.5: the cut would matter.
 
 
 def test_grpo_broadcasts_group_relative_rewards_to_action_tokens():

@@ -155,3 +155,16 @@ def test_reductions_sum_over_micro_batches(mode):
     else:
         direct = sum((s * m).sum() for s, m in zip(seqs, masks, strict=True)) / norm
     torch.testing.assert_close(whole, torch.as_tensor(direct, dtype=F64), rtol=0, atol=1e-12)
+
+
+def test_gradient_shares_hand_worked():
+    from relayrl.rl.losses import gradient_shares
+
+    n = torch.tensor([1, 3, 4])
+    # token_mean / constant: every token weighs the same -> 1/8, 3/8, 4/8.
+    torch.testing.assert_close(gradient_shares(n, "token_mean", 1.0), torch.tensor([0.125, 0.375, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(gradient_shares(n, "constant", 1024.0), torch.tensor([0.125, 0.375, 0.5], dtype=torch.float64))
+    # seq_mean_token_mean: every sequence weighs the same -> 1/3 each; an empty one gets none.
+    torch.testing.assert_close(gradient_shares(torch.tensor([2, 0, 6]), "seq_mean_token_mean", 1.0),
+                               torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
+    assert gradient_shares(torch.tensor([0, 0]), "token_mean", 1.0).tolist() == [0.0, 0.0]

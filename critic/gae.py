@@ -21,7 +21,8 @@ from the last to the first; for sub-trace i pass ``bootstrap`` = the value of th
 action state of s_{i+1} and ``next_advantage`` = the advantage of the first action token of
 s_{i+1}. The result equals GAE over the uncut trajectory exactly, for any gamma and lambda
 (``first_action_value`` picks both). With ``next_advantage`` left at 0 the cut is a plain
-bootstrap (exact only for lambda = 0), which is what a truncation by a length cap is.
+bootstrap, exact only for lambda = 0; that is what bootstrapping the end of a truncated episode
+is (no later segment to carry from), never what a compaction cut should be.
 
 Decoupled lambdas (VC-PPO: Yuan et al. 2025, "What's Behind PPO's Collapse in Long-CoT? Value
 Optimization Holds the Secret", arXiv:2503.01491, "Decoupled-GAE") are two calls of ``gae``: the actor's

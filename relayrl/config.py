@@ -163,6 +163,19 @@ class AlgorithmConfig(_Section):
     """GAE lambda for the policy's advantages (VC-PPO: decoupled from the critic's)."""
     lam_critic: float = Field(1.0, ge=0, le=1)
     """GAE lambda for the critic's return targets."""
+    lam_actor_adaptive_alpha: float | None = Field(None, gt=0)
+    """VAPO's length-adaptive lambda for the policy (arXiv:2504.05118): ``lam_actor`` is replaced,
+    per trajectory, by ``clamp(1 - 1 / (alpha * l), 0, 1)``, where l is the trajectory's action
+    tokens over all its sub-traces (the distance its final reward travels back, and one lambda
+    per trajectory keeps GAE across the cuts equal to the uncut trajectory's). VAPO uses 0.05;
+    None = the fixed ``lam_actor``. The critic keeps ``lam_critic``."""
+    bootstrap_truncated: bool = False
+    """Whether the last sub-trace of an episode cut by a cap (turns, context, segments;
+    ``terminal`` False) bootstraps from the critic's value of its final state. Off: the env
+    scores the episode at the cap and that reward is final, no later reward can be earned, and
+    the final state is one the critic is never trained on. On: for envs whose score at a cap
+    is partial progress and whose cap is not part of the task. Cuts between sub-traces always
+    bootstrap and carry the advantage across, whatever this says."""
     clip_low: float = Field(0.2, ge=0)
     """PPO ratio clip below 1 (epsilon_low)."""
     clip_high: float = Field(0.28, ge=0)

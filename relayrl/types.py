@@ -66,7 +66,8 @@ class SubTrace:
     segment, num_segments: position of this sub-trace within its trajectory.
     terminal: the episode ended by the task (done), not by a compaction cut or a cap. A
         sub-trace before a cut is never terminal and GAE continues across the cut; the last
-        sub-trace is scored by the env either way and does not bootstrap (rl/batching.py).
+        sub-trace is scored by the env either way and does not bootstrap unless
+        ``algorithm.bootstrap_truncated`` says so (rl/batching.py).
     domain: routes on-policy distillation teachers; "" when unused.
     weight_version: the policy version that sampled the first response token of this sub-trace.
     group_id: episodes started from the same task share it (group-relative estimators).

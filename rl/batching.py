@@ -14,17 +14,36 @@ bootstrap and the advantage of that first action as its ``next_advantage``, so t
 runs on as if the trajectory had never been cut: with an identity summary (the state after the
 cut has the value the uncut state had) the advantages equal the uncut trajectory's exactly.
 
-The last sub-trace of a scored trajectory does not bootstrap: the env scored the episode and
-its reward is final, even when a turn or context cap ended it. (Bootstrapping there would add
-the critic's guess of rewards the episode can no longer earn.)
+Every cut between sub-traces is truncation of a context, not of the episode: it always
+bootstraps and carries the advantage. The *last* sub-trace of an episode that a cap ended
+(``terminal`` False) is a different matter, decided by ``algorithm.bootstrap_truncated``:
+
+- off (the default): no bootstrap. The env scored the episode at the cap and that reward is
+  final; the episode cannot earn more, so the critic's guess of further reward would be added
+  to an outcome that is already complete. The state after the last token is also the one state
+  of a sub-trace the critic is never trained on (no action follows it), so its value is the
+  least reliable number in the batch. This is Pardo et al. 2018 ("Time Limits in Reinforcement
+  Learning", arXiv:1712.00378) read the other way: when the limit is part of the task, as the
+  cap is for a scored coding episode, reaching it is termination.
+- on: the last sub-trace bootstraps from ``raw[-1]`` = V(all its tokens), the state in which the
+  next action would have been sampled. Right for envs whose score at a cap is partial progress
+  and whose cap is a budget of the trainer, not part of the task (Pardo et al.'s partial-episode
+  bootstrapping).
+
+The actor's lambda may be length-adaptive (VAPO, ``algorithm.lam_actor_adaptive_alpha``): one
+lambda per trajectory from its action tokens over all sub-traces, so that the cut and uncut
+trajectories still have the same advantages.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 from relayrl.config import AlgorithmConfig
-from relayrl.critic.gae import first_action_value, gae
+from relayrl.critic.gae import first_action_value, gae, gae_reference, length_adaptive_lambda
 from relayrl.rl.advantages import group_relative_advantages, masked_whiten
 from relayrl.rl.losses import gradient_shares
 from relayrl.types import SubTrace, Trajectory
@@ -33,8 +52,26 @@ Sample = dict[str, torch.Tensor]
 
 
 def flatten(groups: list[list[Trajectory]]) -> list[SubTrace]:
-    """Trainable sub-traces of the non-failed trajectories, in order."""
-    return [s for g in groups for t in g if not t.failed for s in t.sub_traces if s.num_response_tokens > 0]
+    """Trainable sub-traces of the non-failed trajectories, in order.
+
+    A sub-trace without an action token is no step of the agent and is dropped. The one case in
+    practice is an empty *last* sub-trace (a compaction on the last allowed turn, then the turn
+    cap ends the episode in the fresh context), and it holds the reward: then the kept
+    sub-traces are renumbered 0..k-1 and the new last one takes the episode's reward and
+    ``terminal`` flag, so the reward still reaches GAE (and GRPO).
+    """
+    out: list[SubTrace] = []
+    for t in (t for g in groups for t in g if not t.failed):
+        kept = [s for s in t.sub_traces if s.num_response_tokens > 0]
+        if len(kept) == len(t.sub_traces) or not kept:
+            out += kept
+            continue
+        last = t.sub_traces[-1]
+        out += [dataclasses.replace(s, segment=i, num_segments=len(kept),
+                                    reward=last.reward if i == len(kept) - 1 else 0.0,
+                                    terminal=last.terminal if i == len(kept) - 1 else False)
+                for i, s in enumerate(kept)]
+    return out
 
 
 def base_samples(subs: list[SubTrace]) -> list[Sample]:
@@ -60,40 +97,122 @@ def action_values(raw: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return v * loss_mask
 
 
+def next_segment_rows(subs: list[SubTrace]) -> torch.Tensor:
+    """(b,) the row of the next sub-trace of the same trajectory, -1 for a last segment.
+
+    Every trajectory present must be present whole (segments 0..num_segments-1, once each):
+    a missing segment would silently restart the recursion, so it is an error instead.
+    """
+    row_of: dict[tuple[str, int], int] = {}
+    for i, s in enumerate(subs):
+        if (s.trajectory_id, s.segment) in row_of:
+            raise ValueError(f"sub-trace {s.trajectory_id}/{s.segment} appears twice")
+        row_of[(s.trajectory_id, s.segment)] = i
+    for s in subs:
+        missing = [k for k in range(s.num_segments) if (s.trajectory_id, k) not in row_of]
+        if missing or not 0 <= s.segment < s.num_segments:
+            raise ValueError(f"trajectory {s.trajectory_id}: segments {missing} of {s.num_segments} "
+                             f"are missing (or segment {s.segment} is out of range); GAE needs all of them")
+    return torch.tensor([row_of.get((s.trajectory_id, s.segment + 1), -1) for s in subs], dtype=torch.long)
+
+
+def _per_row(x: float | torch.Tensor | None, b: int) -> torch.Tensor:
+    if x is None:
+        return torch.zeros(b, dtype=torch.float64)
+    return torch.as_tensor(x, dtype=torch.float64).expand(b).clone()
+
+
 def chained_gae(subs: list[SubTrace], rewards: torch.Tensor, values: torch.Tensor, masks: torch.Tensor,
-                gamma: float, lam: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                gamma: float, lam: float | torch.Tensor,
+                last_bootstrap: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over every sub-trace, continued across the cuts between sub-traces of a trajectory.
 
     rewards, values, masks: (b, t) action-aligned, one row per sub-trace of ``subs``.
-    lam: a float or a (b,) tensor. Returns (advantages, returns), (b, t).
+    lam: a float or a (b,) tensor (the same value on every row of a trajectory, or the cut
+        trajectory is not the uncut one).
+    last_bootstrap: (b,) value after the last token, read only on the rows that are the last
+        segment of their trajectory (0 there = no bootstrap); None = all 0.
+    Returns (advantages, returns), (b, t), in ``values``' dtype (computed in float64, so the
+    carry is not rounded at every cut).
 
     Rows are processed by depth from the end of their trajectory (last segments first), one
-    batched ``gae`` call per depth; a row whose next segment is absent (not in ``subs``)
-    starts a fresh recursion (bootstrap 0).
+    batched ``gae`` call per depth: a row of depth d takes ``bootstrap`` = the value of the
+    first action state of its next segment (depth d - 1, already done) and ``next_advantage``
+    = that action's advantage. ``chained_gae_reference`` is the definition it is tested against.
     """
     b = len(subs)
-    lam_b = torch.as_tensor(lam, dtype=torch.float64).expand(b) if not torch.is_tensor(lam) or lam.dim() == 0 \
-        else lam.to(torch.float64)
-    row_of = {(s.trajectory_id, s.segment): i for i, s in enumerate(subs)}
-    depth = torch.tensor([s.num_segments - 1 - s.segment for s in subs])
-    first_value = first_action_value(values, masks)
-    first_adv = torch.zeros(b, dtype=values.dtype)
-    adv = torch.zeros_like(values)
-    ret = torch.zeros_like(values)
+    nxt = next_segment_rows(subs)
+    lam_b = _per_row(lam, b)
+    last_b = _per_row(last_bootstrap, b)
+    rewards64, values64 = rewards.to(torch.float64), values.to(torch.float64)
+    depth = torch.tensor([s.num_segments - 1 - s.segment for s in subs], dtype=torch.long)
+    first_value = first_action_value(values64, masks)
+    first_adv = torch.zeros(b, dtype=torch.float64)
+    adv = torch.zeros_like(values64)
+    ret = torch.zeros_like(values64)
     for d in range(int(depth.max()) + 1 if b else 0):
         rows = torch.nonzero(depth == d, as_tuple=False)[:, 0]
-        if len(rows) == 0:
-            continue
-        boot = torch.zeros(len(rows), dtype=values.dtype)
-        carry = torch.zeros(len(rows), dtype=values.dtype)
-        for k, i in enumerate(rows.tolist()):
-            nxt = row_of.get((subs[i].trajectory_id, subs[i].segment + 1))
-            if nxt is not None:
-                boot[k], carry[k] = first_value[nxt], first_adv[nxt]
-        a, r = gae(rewards[rows], values[rows], masks[rows], boot, gamma, lam_b[rows], carry)
+        n = nxt[rows]
+        has_next = n >= 0
+        n = n.clamp(min=0)
+        boot = torch.where(has_next, first_value[n], last_b[rows])
+        carry = torch.where(has_next, first_adv[n], torch.zeros_like(boot))
+        a, r = gae(rewards64[rows], values64[rows], masks[rows], boot, gamma, lam_b[rows], carry)
         adv[rows], ret[rows] = a, r
         first_adv[rows] = first_action_value(a, masks[rows])
-    return adv, ret
+    return adv.to(values.dtype), ret.to(values.dtype)
+
+
+def chained_gae_reference(subs: list[SubTrace], rewards: torch.Tensor, values: torch.Tensor, masks: torch.Tensor,
+                          gamma: float, lam: float | torch.Tensor,
+                          last_bootstrap: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition ``chained_gae`` is tested against: per trajectory, the action tokens of
+    its sub-traces in segment order are concatenated into one uncut sequence and run through
+    ``gae_reference``. Same arguments and results as ``chained_gae``."""
+    b = len(subs)
+    next_segment_rows(subs)  # the same whole-trajectory check
+    lam_b = _per_row(lam, b)
+    last_b = _per_row(last_bootstrap, b)
+    rows_of: dict[str, list[int]] = {}
+    for i, s in enumerate(subs):
+        rows_of.setdefault(s.trajectory_id, []).append(i)
+    adv = torch.zeros(values.shape, dtype=torch.float64)
+    ret = torch.zeros(values.shape, dtype=torch.float64)
+    for rows in rows_of.values():
+        rows.sort(key=lambda i: subs[i].segment)
+        lams = {float(lam_b[i]) for i in rows}
+        if len(lams) != 1:
+            raise ValueError(f"trajectory {subs[rows[0]].trajectory_id} has more than one lambda: {sorted(lams)}")
+        picks = [masks[i].bool() for i in rows]
+        r = torch.cat([rewards[i][m] for i, m in zip(rows, picks, strict=True)]).to(torch.float64)
+        v = torch.cat([values[i][m] for i, m in zip(rows, picks, strict=True)]).to(torch.float64)
+        a, rt = gae_reference(r[None], v[None], torch.ones(1, len(r), dtype=torch.long),
+                              last_b[rows[-1]][None], gamma, lams.pop())
+        start = 0
+        for i, m in zip(rows, picks, strict=True):
+            k = int(m.sum())
+            adv[i][m], ret[i][m] = a[0, start:start + k], rt[0, start:start + k]
+            start += k
+    return adv.to(values.dtype), ret.to(values.dtype)
+
+
+def trajectory_response_lengths(subs: list[SubTrace]) -> torch.Tensor:
+    """(b,) action tokens of each row's whole trajectory (all its sub-traces in ``subs``)."""
+    total: dict[str, int] = {}
+    for s in subs:
+        total[s.trajectory_id] = total.get(s.trajectory_id, 0) + s.num_response_tokens
+    return torch.tensor([total[s.trajectory_id] for s in subs], dtype=torch.long)
+
+
+def last_bootstraps(subs: list[SubTrace], raws: list[torch.Tensor], cfg: AlgorithmConfig) -> torch.Tensor:
+    """(b,) the value after the last token of each truncated last sub-trace (``raw[-1]`` =
+    V(all its tokens)) when ``cfg.bootstrap_truncated``, else 0 (module docstring)."""
+    out = torch.zeros(len(subs), dtype=torch.float64)
+    if cfg.bootstrap_truncated:
+        for i, (s, raw) in enumerate(zip(subs, raws, strict=True)):
+            if s.segment == s.num_segments - 1 and not s.terminal:
+                out[i] = float(raw[-1])
+    return out
 
 
 def rewards_tensor(subs: list[SubTrace], masks: torch.Tensor) -> torch.Tensor:
@@ -108,15 +227,24 @@ def rewards_tensor(subs: list[SubTrace], masks: torch.Tensor) -> torch.Tensor:
 
 def gae_advantages(subs: list[SubTrace], samples: list[Sample], raws: list[torch.Tensor],
                    cfg: AlgorithmConfig) -> dict[str, float]:
-    """Fill ``advantages`` (token-aligned) and the critic's state-aligned targets into samples."""
+    """Fill ``advantages`` (token-aligned) and the critic's state-aligned targets into samples.
+
+    Every sub-trace gets critic targets, the compacted ones included (their first state is
+    system + task + summary), so value pretraining (``critic_warmup_steps``) trains on them too.
+    """
     masks_list = [s["loss_mask"] for s in samples]
     masks = pad(masks_list)
     values = pad([action_values(r, m) for r, m in zip(raws, masks_list, strict=True)])
     rewards = rewards_tensor(subs, masks)
-    # VC-PPO: the actor's advantages and the critic's targets use separate lambdas.
-    adv, ret = chained_gae(subs, rewards, values, masks, cfg.gamma, cfg.lam_actor)
-    if cfg.lam_critic != cfg.lam_actor:
-        _, ret = chained_gae(subs, rewards, values, masks, cfg.gamma, cfg.lam_critic)
+    last_boot = last_bootstraps(subs, raws, cfg)
+    lam_actor: float | torch.Tensor = cfg.lam_actor
+    if cfg.lam_actor_adaptive_alpha is not None:
+        lam_actor = length_adaptive_lambda(trajectory_response_lengths(subs), cfg.lam_actor_adaptive_alpha)
+    # VC-PPO: the actor's advantages and the critic's targets use separate lambdas, each with
+    # its own recursion across the cuts.
+    adv, ret = chained_gae(subs, rewards, values, masks, cfg.gamma, lam_actor, last_boot)
+    if cfg.lam_actor_adaptive_alpha is not None or cfg.lam_critic != cfg.lam_actor:
+        _, ret = chained_gae(subs, rewards, values, masks, cfg.gamma, cfg.lam_critic, last_boot)
     raw_adv = adv
     if cfg.normalize_advantages:
         adv = masked_whiten(adv, masks.float())
@@ -134,11 +262,14 @@ def gae_advantages(subs: list[SubTrace], samples: list[Sample], raws: list[torch
         s["old_values"] = raws[i] * value_mask
     mask_f = masks.float()
     n = mask_f.sum().clamp(min=1)
-    return {
+    metrics = {
         "adv/raw_mean": float((raw_adv * mask_f).sum() / n),
         "adv/returns_mean": float((ret * mask_f).sum() / n),
         "critic/values_mean": float((values * mask_f).sum() / n),
     }
+    if torch.is_tensor(lam_actor) and len(subs):
+        metrics["adv/lam_actor_mean"] = float(lam_actor.to(torch.float64).mean())
+    return metrics
 
 
 def grpo_advantages(subs: list[SubTrace], samples: list[Sample], cfg: AlgorithmConfig) -> dict[str, float]:
@@ -156,14 +287,35 @@ def grpo_advantages(subs: list[SubTrace], samples: list[Sample], cfg: AlgorithmC
 
 
 def gradient_share_metrics(subs: list[SubTrace], cfg: AlgorithmConfig) -> dict[str, float]:
-    """How the loss weight spreads over sub-traces under ``cfg.loss_reduction``: the largest
-    share of one sub-trace, and the share of the longest over that of the shortest."""
+    """How the loss weight spreads over sub-traces under ``cfg.loss_reduction``.
+
+    A sub-trace's share is the summed weight its tokens get in the loss over the batch's total
+    (``gradient_shares``): n_i / N for token_mean and constant, 1 / B for seq_mean_token_mean.
+    Computed as if the step's batch were one minibatch. Metrics:
+
+    - ``loss/max_subtrace_share``: the largest share of one sub-trace;
+    - ``loss/longest_over_shortest_share``: the share of the sub-trace with the most action
+      tokens over that of the one with the fewest (1 = lengths do not matter);
+    - ``loss/effective_subtrace_frac``: exp(entropy of the shares) / B, the fraction of the
+      sub-traces that effectively carry the gradient (1 = all alike);
+    - ``loss/share_before_cuts``: the share of the sub-traces that end in a compaction cut
+      (all but the last of each trajectory);
+    - ``loss/total_weight``: the sum of all token weights: 1 for the two means, N / C for
+      ``constant`` (its loss scale follows the batch's length).
+    """
     if not subs:
         return {}
     n = torch.tensor([s.num_response_tokens for s in subs])
     shares = gradient_shares(n, cfg.loss_reduction, cfg.loss_constant)
     longest, shortest = int(n.argmax()), int(n.argmin())
+    positive = shares[shares > 0]
+    entropy = float(-(positive * positive.log()).sum())
+    before_cut = torch.tensor([s.segment < s.num_segments - 1 for s in subs])
+    total_weight = float(n.sum()) / cfg.loss_constant if cfg.loss_reduction == "constant" else 1.0
     return {
         "loss/max_subtrace_share": float(shares.max()),
         "loss/longest_over_shortest_share": float(shares[longest] / shares[shortest]) if shares[shortest] > 0 else 0.0,
+        "loss/effective_subtrace_frac": math.exp(entropy) / len(subs),
+        "loss/share_before_cuts": float(shares[before_cut].sum()),
+        "loss/total_weight": total_weight if float(n.sum()) > 0 else 0.0,
     }

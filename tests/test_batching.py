@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from relayrl.config import AlgorithmConfig
-from relayrl.rl.batching import base_samples, gae_advantages, grpo_advantages
+from relayrl.rl.batching import base_samples, gae_advantages, gradient_share_metrics, grpo_advantages
 from relayrl.types import SubTrace
 
 CFG = AlgorithmConfig(gamma=1.0, lam_actor=1.0, lam_critic=1.0, normalize_advantages=False)
@@ -67,3 +70,28 @@ def test_grpo_broadcasts_group_relative_rewards_to_action_tokens():
     # Group mean 0.5: advantages +0.5 and -0.5 on every action token.
     torch.testing.assert_close(samples[0]["advantages"], torch.tensor([0.0, 0.5, 0.5]))
     torch.testing.assert_close(samples[1]["advantages"], torch.tensor([0.0, -0.5]))
+
+
+def test_gradient_share_metrics_hand_worked():
+    # Trajectory a is cut in two sub-traces of 1 and 3 action tokens; b has one of 4. N = 8.
+    subs = [sub([0, 1], [0, 1], 0.0, tid="a", segment=0, num_segments=2),
+            sub([0, 1, 1, 1], [0, 1, 1, 1], 1.0, tid="a", segment=1, num_segments=2),
+            sub([0, 1, 1, 1, 1], [0, 1, 1, 1, 1], 0.0, tid="b")]
+    m = gradient_share_metrics(subs, AlgorithmConfig(loss_reduction="token_mean"))
+    # token_mean: every token weighs 1/8, so the shares are 1/8, 3/8, 4/8.
+    assert m["loss/max_subtrace_share"] == pytest.approx(0.5, abs=1e-12)
+    assert m["loss/longest_over_shortest_share"] == pytest.approx(4.0, abs=1e-12)  # (4/8) / (1/8)
+    entropy = -(1 / 8 * math.log(1 / 8) + 3 / 8 * math.log(3 / 8) + 1 / 2 * math.log(1 / 2))  # 0.97431...
+    assert m["loss/effective_subtrace_frac"] == pytest.approx(math.exp(entropy) / 3, abs=1e-12)  # 0.88312...
+    assert m["loss/share_before_cuts"] == pytest.approx(1 / 8, abs=1e-12)  # a's first sub-trace
+    assert m["loss/total_weight"] == pytest.approx(1.0, abs=1e-12)
+    # constant (C = 16): the same shares, but the weights sum to N / C = 0.5.
+    m = gradient_share_metrics(subs, AlgorithmConfig(loss_reduction="constant", loss_constant=16.0))
+    assert m["loss/max_subtrace_share"] == pytest.approx(0.5, abs=1e-12)
+    assert m["loss/total_weight"] == pytest.approx(0.5, abs=1e-12)
+    # seq_mean_token_mean: each sub-trace weighs 1/3 whatever its length.
+    m = gradient_share_metrics(subs, AlgorithmConfig(loss_reduction="seq_mean_token_mean"))
+    assert m == pytest.approx({"loss/max_subtrace_share": 1 / 3, "loss/longest_over_shortest_share": 1.0,
+                               "loss/effective_subtrace_frac": 1.0, "loss/share_before_cuts": 1 / 3,
+                               "loss/total_weight": 1.0}, abs=1e-12)
+    assert gradient_share_metrics([], AlgorithmConfig()) == {}

@@ -7,7 +7,7 @@ sandboxes (``envs/local_sandbox.py``, with all their isolation) over HTTP; the c
 
 HTTP API (JSON unless noted; every route but ``/health`` needs ``Authorization: Bearer TOKEN``)::
 
-    GET    /health                       {ok, network_isolated, sandboxes, max_sandboxes}
+    GET    /health                       {ok, network_isolated, timeout_s, sandboxes, max_sandboxes}
     POST   /sandboxes                    {files: [{path, content_b64}]} -> {id}
     POST   /sandboxes/{id}/exec          {cmd, timeout} -> {exit_code, stdout, stderr, timed_out, truncated, duration_s}
     PUT    /sandboxes/{id}/files?path=P  raw bytes -> 204
@@ -16,9 +16,10 @@ HTTP API (JSON unless noted; every route but ``/health`` needs ``Authorization: 
     DELETE /sandboxes/{id}               204 (also for an id already gone)
 
 Errors: 400 ``{error, kind: "path"}`` for a path outside the workspace, 401 for a missing or
-wrong token, 404 for an unknown sandbox, 503 when the server holds ``max_sandboxes``. A
-sandbox unused for ``idle_ttl_s`` is closed by the server, so a trainer that crashed does not
-leak workspaces and processes forever.
+wrong token, 404 for an unknown sandbox, 413 for a body over ``max_body_bytes``, 503 when the
+server holds ``max_sandboxes`` (or is shutting down). A sandbox unused for ``idle_ttl_s`` is
+closed by the server, so a trainer that crashed does not leak workspaces and processes forever;
+SIGTERM or Ctrl-C closes every sandbox before the server exits.
 
 The client turns every transport failure (refused, reset, timed out, 5xx) into a
 ``SandboxError`` naming the server and what to check: the episode fails (and is retried), the
@@ -35,6 +36,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import time
 from dataclasses import asdict
 from typing import Any
@@ -102,6 +104,8 @@ class SandboxServer:
         self.provider = LocalSandboxProvider(limits, root=root)
         self.max_body_bytes = max_body_bytes
         self._sandboxes: dict[str, _Entry] = {}
+        self._creating = 0  # creates in flight hold a slot, so concurrent ones cannot overshoot
+        self._stopping = False
         self._runner: web.AppRunner | None = None
         self._reaper: asyncio.Task | None = None
 
@@ -127,12 +131,16 @@ class SandboxServer:
         return self.port
 
     async def stop(self) -> None:
+        """Close every sandbox (killing commands still running: their requests answer with the
+        killed result), then stop serving."""
+        self._stopping = True
         if self._reaper is not None:
             self._reaper.cancel()
-        for sid in list(self._sandboxes):
-            await self._close(sid)
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        await self._close_all()
         if self._runner is not None:
             await self._runner.cleanup()
+        await self._close_all()  # any create that was still in flight
 
     async def __aenter__(self) -> "SandboxServer":
         await self.start()
@@ -150,8 +158,8 @@ class SandboxServer:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         if self.token is not None and request.path != "/health":
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
                 return web.json_response({"error": "missing or wrong token"}, status=401)
         try:
             return await handler(request)
@@ -175,6 +183,12 @@ class SandboxServer:
         if entry is not None:
             await entry.sandbox.close()
 
+    async def _close_all(self) -> None:
+        results = await asyncio.gather(*(self._close(sid) for sid in list(self._sandboxes)), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                log.error("closing a sandbox failed: %r", r)
+
     async def _reap(self) -> None:
         period = max(min(self.idle_ttl_s / 4, 30.0), 0.05)
         while True:
@@ -183,21 +197,32 @@ class SandboxServer:
             for sid, entry in list(self._sandboxes.items()):
                 if entry.busy == 0 and now - entry.last_used > self.idle_ttl_s:
                     log.info("closing sandbox %s after %.0fs idle", sid, now - entry.last_used)
-                    await self._close(sid)
+                    try:
+                        await self._close(sid)
+                    except Exception:  # one bad workspace must not stop the reaping of the rest
+                        log.exception("closing idle sandbox %s failed", sid)
 
     # -- routes --
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "network_isolated": self.provider.network_isolated,
+                                  "timeout_s": self.provider.limits.timeout_s,
                                   "sandboxes": len(self._sandboxes), "max_sandboxes": self.max_sandboxes})
 
     async def _create(self, request: web.Request) -> web.Response:
-        if len(self._sandboxes) >= self.max_sandboxes:
-            return web.json_response({"error": f"the server holds its maximum of {self.max_sandboxes} sandboxes"},
-                                     status=503)
-        body = await request.json()
+        if self._stopping:
+            return web.json_response({"error": "the server is shutting down"}, status=503)
+        if len(self._sandboxes) + self._creating >= self.max_sandboxes:
+            return web.json_response({"error": f"the server holds its maximum of {self.max_sandboxes} sandboxes "
+                                      "(close finished ones, raise --max-sandboxes, or add servers)"}, status=503)
+        self._creating += 1
+        try:
+            body = await request.json()
+            sandbox = await self.provider.create(_decode_files(body.get("files", [])))
+        finally:
+            self._creating -= 1
         sid = secrets.token_hex(12)
-        self._sandboxes[sid] = _Entry(await self.provider.create(_decode_files(body.get("files", []))))
+        self._sandboxes[sid] = _Entry(sandbox)
         return web.json_response({"id": sid})
 
     async def _exec(self, request: web.Request) -> web.Response:
@@ -237,18 +262,20 @@ def serve(host: str, port: int, token: str | None, max_sandboxes: int, idle_ttl_
     async def main() -> None:
         server = SandboxServer(host, port, token, max_sandboxes, idle_ttl_s, limits, root)
         await server.start()
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # both end in stop(): no workspace or process left
+            loop.add_signal_handler(sig, done.set)
         isolated = server.provider.network_isolated
         print(f"relayrl sandbox server on {server.url} ({'token auth' if token else 'NO AUTH, loopback only'}; "
               f"network isolation: {'yes' if isolated else 'NO'}; up to {max_sandboxes} sandboxes)", flush=True)
         try:
-            await asyncio.Event().wait()
+            await done.wait()
         finally:
             await server.stop()
+        print("relayrl sandbox server stopped; every sandbox closed", flush=True)
 
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------------------- client
@@ -261,24 +288,30 @@ class RemoteSandboxProvider:
         url: the server, e.g. ``http://10.0.0.5:8700``.
         token: its token (default: ``$RELAYRL_SANDBOX_TOKEN``).
         timeout_s: deadline of a request that runs no command (an exec's deadline is its command
-            timeout plus this).
+            timeout, at most the server's, plus this).
         connect_timeout_s: deadline to connect.
+
+    ``network_isolated`` and ``server_timeout_s`` are what the server reports (``GET /health``),
+    known after the first ``create()``.
     """
 
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 60.0,
                  connect_timeout_s: float = 5.0) -> None:
         self.url = url.rstrip("/")
-        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.token = (token if token is not None else os.environ.get(TOKEN_ENV)) or None
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.network_isolated: bool | None = None  # known after the first create()
+        self.server_timeout_s: float | None = None
         self._session: aiohttp.ClientSession | None = None
         self._open: set[RemoteSandbox] = set()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            self._session = aiohttp.ClientSession(headers=headers)
+            # No pool limit: a request queued for a connection would spend its deadline waiting,
+            # and the server bounds the work anyway (max_sandboxes).
+            self._session = aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
     async def request(self, method: str, path: str, *, timeout_s: float | None = None, **kwargs: Any) -> bytes:
@@ -294,6 +327,9 @@ class RemoteSandboxProvider:
         except aiohttp.ClientConnectorError as e:
             raise SandboxError(f"{where} is unreachable ({e.os_error or e}); is `relayrl sandbox-server` "
                                "running there, and is the URL right?") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as e:
+            raise SandboxError(f"{where} dropped the connection during {method} {path} ({type(e).__name__}); "
+                               "did it crash or restart? Check its log") from None
         except aiohttp.ClientError as e:
             raise SandboxError(f"{where} failed on {method} {path}: {type(e).__name__}: {e}") from None
         if status < 300:
@@ -312,18 +348,20 @@ class RemoteSandboxProvider:
 
     async def create(self, files: dict[str, bytes | str] | None = None) -> "RemoteSandbox":
         if self.network_isolated is None:
-            self.network_isolated = bool((await self.health()).get("network_isolated"))
+            health = await self.health()
+            self.server_timeout_s = health.get("timeout_s")
+            self.network_isolated = bool(health.get("network_isolated"))
         body = await self.request("POST", "/sandboxes", json={"files": _encode_files(files or {})})
         sandbox = RemoteSandbox(self, json.loads(body)["id"])
         self._open.add(sandbox)
         return sandbox
 
     async def close(self) -> None:
-        for sandbox in list(self._open):
-            try:
-                await sandbox.close()
-            except SandboxError:
-                pass  # the server is gone; its reaper closes what is left
+        # All at once: against a host that went dark, each DELETE waits out its connect deadline.
+        results = await asyncio.gather(*(sb.close() for sb in list(self._open)), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:  # the server is gone or busy; its idle reaper closes what is left
+            log.warning("%d sandbox(es) on %s not closed: %s", len(failed), self.url, failed[0])
         self._open.clear()
         if self._session is not None:
             await self._session.close()
@@ -349,7 +387,9 @@ class RemoteSandbox:
     async def exec(self, cmd: str, timeout: float | None = None) -> ExecResult:
         if self._closed:
             raise SandboxError("exec on a closed sandbox")
-        deadline = (timeout if timeout is not None else 600.0) + self.provider.timeout_s
+        # The server never runs a command past its own timeout_s, whatever ``timeout`` says.
+        limit = [t for t in (timeout, self.provider.server_timeout_s) if t is not None]
+        deadline = (min(limit) if limit else 600.0) + self.provider.timeout_s
         body = await self.provider.request("POST", f"/sandboxes/{self.id}/exec", timeout_s=deadline,
                                            json={"cmd": cmd, "timeout": timeout})
         return ExecResult(**json.loads(body))

@@ -75,6 +75,7 @@ def _cmd_envs_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_sandbox_server(args: argparse.Namespace) -> int:
+    import errno
     import os
 
     from relayrl.envs.remote_sandbox import TOKEN_ENV, is_loopback, serve
@@ -86,9 +87,21 @@ def _cmd_sandbox_server(args: argparse.Namespace) -> int:
                           "for a loopback-only server without one, pass --no-auth")
     if args.no_auth and not is_loopback(args.host):
         raise ConfigError(f"--no-auth: only allowed on a loopback --host, not {args.host}; give a --token")
+    for flag, value in (("--max-sandboxes", args.max_sandboxes), ("--idle-ttl", args.idle_ttl),
+                        ("--cpu-seconds", args.cpu_seconds), ("--memory-mb", args.memory_mb),
+                        ("--max-processes", args.max_processes), ("--timeout", args.timeout)):
+        if value <= 0:
+            raise ConfigError(f"{flag}: must be positive, got {value}")
     limits = SandboxLimits(cpu_seconds=args.cpu_seconds, memory_bytes=args.memory_mb << 20,
                            timeout_s=args.timeout, max_processes=args.max_processes)
-    serve(args.host, args.port, None if args.no_auth else token, args.max_sandboxes, args.idle_ttl, limits, args.root)
+    try:
+        serve(args.host, args.port, None if args.no_auth else token, args.max_sandboxes, args.idle_ttl, limits,
+              args.root)
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise ConfigError(f"--host/--port: cannot listen on {args.host}:{args.port} ({e.strerror}); "
+                              "pick a free --port or an address of this host") from None
+        raise
     return 0
 
 

@@ -33,6 +33,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_cli_server(port: int, *args: str) -> subprocess.Popen:
+    """``relayrl sandbox-server`` in a subprocess, returned once its banner says it listens."""
+    env = {**os.environ, "RELAYRL_SANDBOX_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "relayrl", "sandbox-server", "--port", str(port), *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    banner = proc.stdout.readline()
+    assert f"relayrl sandbox server on http://127.0.0.1:{port}" in banner and "token auth" in banner, banner
+    return proc
+
+
+def kill_commands_under(root: Path) -> None:
+    """SIGKILL the sandbox commands whose workspace is under ``root`` (their ``unshare``; its
+    --kill-child takes the namespace down). A SIGKILLed server cannot kill them itself."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"unshare") and any(str(root).encode() in a for a in argv):
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 def test_contract_through_the_client():
     async def main():
         async with SandboxServer(token=TOKEN, limits=SandboxLimits(timeout_s=10)) as server:
@@ -62,15 +88,15 @@ def test_round_trip_and_path_errors():
                     await sb.read_file("missing")
                 await sb.close()
                 await sb.close()
-                return r, read, snap, client.network_isolated
+                return r, read, snap, client.network_isolated, client.server_timeout_s
             finally:
                 await client.close()
 
-    r, read, snap, isolated = go(main())
+    r, read, snap, isolated, server_timeout = go(main())
     assert r.exit_code == 5 and r.stdout == "3\n" and r.stderr == "\ufffd"
     assert read == "né".encode()
     assert snap == {"a.txt": b"A", "b/c.bin": b"\xff\x00", "new.txt": "né".encode()}
-    assert isolated is True
+    assert isolated is True and server_timeout == SandboxLimits().timeout_s
 
 
 def test_token_is_required_and_checked():
@@ -165,20 +191,15 @@ def test_nobody_listening_fails_fast_and_clearly():
     assert "is unreachable" in message and "relayrl sandbox-server" in message
 
 
-def test_server_killed_mid_command_is_a_sandbox_error():
+def test_server_killed_mid_command_is_a_sandbox_error(tmp_path):
     port = free_port()
-    env = {**os.environ, "RELAYRL_SANDBOX_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "relayrl", "sandbox-server", "--port", str(port), "--timeout", "60"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_cli_server(port, "--timeout", "60", "--root", str(tmp_path))  # SIGKILL leaves its workspace
     try:
-        banner = proc.stdout.readline()
-        assert f"relayrl sandbox server on http://127.0.0.1:{port}" in banner and "token auth" in banner
-
         async def main():
             client = RemoteSandboxProvider(f"http://127.0.0.1:{port}", token=TOKEN, timeout_s=5)
             try:
                 sb = await client.create()
-                task = asyncio.create_task(sb.exec("sleep 50", timeout=55))
+                task = asyncio.create_task(sb.exec("sleep 20", timeout=25))
                 await asyncio.sleep(0.5)
                 proc.send_signal(signal.SIGKILL)
                 with pytest.raises(SandboxError) as e:
@@ -188,17 +209,22 @@ def test_server_killed_mid_command_is_a_sandbox_error():
                 await client.close()
 
         message = go(main())
-        assert f"sandbox server http://127.0.0.1:{port}" in message
+        assert f"sandbox server http://127.0.0.1:{port}" in message and "dropped the connection" in message
     finally:
         proc.kill()
         proc.wait()
+        kill_commands_under(tmp_path)
 
 
-def test_cli_refuses_to_serve_without_a_token():
+@pytest.mark.parametrize("args, message", [
+    ([], "needs a token"),
+    (["--no-auth", "--host", "0.0.0.0"], "--no-auth: only allowed on a loopback --host"),
+])
+def test_cli_refuses_to_serve_without_a_token(args, message):
     env = {k: v for k, v in os.environ.items() if k != "RELAYRL_SANDBOX_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "relayrl", "sandbox-server", "--port", "0"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "needs a token" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "relayrl", "sandbox-server", "--port", "0", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_coding_env_contract_through_a_remote_sandbox():
@@ -222,3 +248,115 @@ def test_coding_env_contract_through_a_remote_sandbox():
         thread.join(10)
     assert n == 2 and {r.name: r.detail for r in results if not r.ok} == {}
     assert "sandbox: network isolation" in {r.name for r in results}
+
+
+def test_concurrent_creates_cannot_pass_max_sandboxes():
+    # Six creates race for two slots: a check-then-create without a reservation would let all in.
+    async def main():
+        async with SandboxServer(token=TOKEN, max_sandboxes=2) as server:
+            client = RemoteSandboxProvider(server.url, token=TOKEN)
+            try:
+                await client.health()
+                results = await asyncio.gather(*(client.create({"f": "x" * 1000}) for _ in range(6)),
+                                               return_exceptions=True)
+                return results, (await client.health())["sandboxes"]
+            finally:
+                await client.close()
+
+    results, held = go(main())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 4 and held == 2
+    assert all(isinstance(e, SandboxError) and "maximum of 2 sandboxes" in str(e) for e in errors)
+
+
+def test_stop_closes_every_sandbox_even_mid_command(tmp_path):
+    async def main():
+        client = None
+        async with SandboxServer(token=TOKEN, root=str(tmp_path)) as server:
+            client = RemoteSandboxProvider(server.url, token=TOKEN)
+            sandboxes = [await client.create({"a": "1"}) for _ in range(3)]
+            running = asyncio.create_task(sandboxes[0].exec("sleep 30", timeout=30))
+            await asyncio.sleep(0.5)
+            assert len(list(tmp_path.glob("sb-*"))) == 3
+        try:  # the server stopped: the command was killed, not waited for
+            result = await asyncio.wait_for(running, 20)
+        except SandboxError as e:
+            result = e
+        await client.close()
+        return result
+
+    result = go(main())
+    assert isinstance(result, SandboxError) or (result.exit_code != 0 and not result.ok), result
+    assert list(tmp_path.glob("sb-*")) == []
+
+
+def test_sigterm_closes_every_sandbox(tmp_path):
+    port = free_port()
+    proc = start_cli_server(port, "--root", str(tmp_path))
+    try:
+        async def main():
+            client = RemoteSandboxProvider(f"http://127.0.0.1:{port}", token=TOKEN)
+            try:
+                sandboxes = [await client.create({"a": "1"}) for _ in range(2)]
+                await sandboxes[0].exec("true")
+                assert len(list(tmp_path.glob("sb-*"))) == 2
+            finally:
+                client._open.clear()  # leave them open: the server must close them itself
+                await client.close()
+
+        go(main())
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0 and "every sandbox closed" in out and "Traceback" not in out, out
+    assert list(tmp_path.glob("sb-*")) == []
+
+
+def test_a_server_that_never_answers_times_out():
+    # Accepts connections (the kernel's backlog) and never answers: a hung host, not a dead one.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+
+        async def main():
+            client = RemoteSandboxProvider(url, token=TOKEN, timeout_s=1.0, connect_timeout_s=1.0)
+            try:
+                with pytest.raises(SandboxError) as e:
+                    await client.create()
+                return str(e.value)
+            finally:
+                await client.close()
+
+        message = go(main())
+    assert f"sandbox server {url} did not answer GET /health within 1s" in message
+
+
+def test_body_over_the_limit_is_refused():
+    async def main():
+        async with SandboxServer(token=TOKEN, max_body_bytes=4096) as server:
+            client = RemoteSandboxProvider(server.url, token=TOKEN)
+            try:
+                sb = await client.create()
+                await sb.write_file("small", b"x" * 1000)
+                with pytest.raises(SandboxError, match="answered 413"):
+                    await sb.write_file("big", b"x" * 8192)
+                return await sb.read_file("small"), await sb.snapshot()
+            finally:
+                await client.close()
+
+    small, snap = go(main())
+    assert small == b"x" * 1000 and set(snap) == {"small"}
+
+
+def test_cli_port_in_use_is_a_user_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "relayrl", "sandbox-server", "--port", str(port)], cwd=ROOT,
+                              env={**os.environ, "RELAYRL_SANDBOX_TOKEN": TOKEN}, capture_output=True, text=True,
+                              timeout=60)
+    assert proc.returncode == 2 and "--host/--port" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

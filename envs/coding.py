@@ -287,6 +287,16 @@ class CodingEnv:
 
     # ---- observations ----
 
+    def render_dummy(self, call: ToolCall, dummy: Any) -> str:
+        """A blocked call's dummy output, shaped like this tool's real output."""
+        if dummy.error is not None:
+            return f"error: {dummy.error}"
+        if dummy.exit_code is not None:
+            if call.name != "bash":  # a command-shaped dummy for a file tool: its error text
+                return f"error: {(dummy.stderr or dummy.stdout).strip() or 'operation not permitted'}"
+            return self._exec_observation(ExecResult(dummy.exit_code, dummy.stdout, dummy.stderr))
+        return dummy.text
+
     def _exec_observation(self, result: ExecResult) -> str:
         if result.timed_out:
             self._counts["command_timeouts"] += 1

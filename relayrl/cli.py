@@ -7,6 +7,7 @@
     relayrl envs list                                   the registered environments
     relayrl envs check NAME_OR_PATH [--kwargs YAML]     run the env contract on an environment
     relayrl sandbox-server --host H --port P            serve sandboxes to other hosts (token auth)
+    relayrl antihack check [--rules-only] [--config F]  verdicts for JSON-line tool calls on stdin
 
 Exit codes: 0 success; 2 a user mistake (bad config, missing file, bad argument), reported as
 one paragraph naming the key and the fix, without a traceback; 130 interrupted (Ctrl-C); 1 an
@@ -105,6 +106,12 @@ def _cmd_sandbox_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_antihack_check(args: argparse.Namespace) -> int:
+    from relayrl.antihack.cli import run_check
+
+    return run_check(args.config, args.rules_only)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relayrl",
@@ -155,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="wall-clock seconds per command (default 30)")
     p.add_argument("--root", default=None, help="directory for workspaces (default: the system temp dir)")
     p.set_defaults(func=_cmd_sandbox_server)
+
+    p = sub.add_parser("antihack", help="the anti-hack gate: check tool calls")
+    ah_sub = p.add_subparsers(dest="antihack_command", metavar="ACTION", required=True)
+    check = ah_sub.add_parser("check", help="read JSON-line tool calls on stdin, write one verdict line each")
+    check.add_argument("--rules-only", action="store_true", help="the rule stage alone: what it flags is blocked")
+    check.add_argument("--config", default=None,
+                       help="a job YAML: its antihack section (packs, paths, hosts, judge) and, for the "
+                            "policy judge, its model.path")
+    check.set_defaults(func=_cmd_antihack_check)
 
     p = sub.add_parser("convert-model", help="convert a bundled model to a cached safetensors checkpoint")
     p.add_argument("model", choices=["smollm2"], help="the bundled model (SmolLM2-135M-Instruct)")

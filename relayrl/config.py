@@ -154,6 +154,53 @@ class CompactionConfig(_Section):
     """Sub-traces per trajectory; an episode that needs more is cut (truncated)."""
 
 
+class JudgeConfig(_Section):
+    kind: Literal["policy", "engine", "openai"] = "policy"
+    """Who judges flagged calls: ``policy`` (the rollout engine itself, no extra model),
+    ``engine`` (an SGLang-native server at ``url`` serving the model at ``model``), ``openai``
+    (an OpenAI-compatible ``/v1/chat/completions`` endpoint at ``url``, model name ``model``)."""
+    url: str | None = None
+    """The judge server's base URL (``engine`` and ``openai`` kinds)."""
+    model: str | None = None
+    """``engine``: the judge model's HF directory (for its tokenizer and chat template).
+    ``openai``: the model name sent in requests."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the ``openai`` endpoint's key (none sent when unset)."""
+    timeout_s: float = Field(30.0, gt=0)
+    """A judge slower than this counts as an error."""
+    max_new_tokens: int = Field(128, ge=8)
+    """Tokens the judge may answer with."""
+    context_messages: int = Field(6, ge=0)
+    """Recent messages of the episode shown to the judge."""
+    on_error: Literal["block", "allow"] = "block"
+    """The verdict when the judge errs, answers without a verdict, or times out (counted in
+    ``antihack/judge_errors``)."""
+
+
+class AntihackConfig(_Section):
+    enabled: bool = False
+    """Pass every tool call through the gate: rules, then the judge; a blocked call is not run
+    and the agent gets a plausible dummy output."""
+    mode: Literal["judge", "rules_only"] = "judge"
+    """``judge``: flagged calls go to the judge. ``rules_only``: whatever the rules flag is blocked."""
+    rule_packs: list[str] = ["default"]
+    """Built-in pack names or YAML files, applied in order (a later rule with the same id
+    replaces an earlier one)."""
+    protected_paths: list[str] = []
+    """Globs added to the ``protected`` path class (e.g. where your grader keeps hidden tests)."""
+    allowed_hosts: list[str] = []
+    """Hosts added to the packs' allowed hosts (``*`` wildcards), e.g. your package mirror."""
+    shell_tools: dict[str, str] = {"bash": "command"}
+    """Tools that run a shell line: tool name -> the argument holding it."""
+    read_tools: dict[str, str] = {"read_file": "path"}
+    """Tools that read a file: tool name -> the path argument."""
+    write_tools: dict[str, list[str]] = {"write_file": ["path", "content"]}
+    """Tools that write a file: tool name -> [path argument, content argument]."""
+    harmless_tools: list[str] = ["run_tests", "submit"]
+    """Tools the gate does not look at. Any other tool has each string argument read as a shell line."""
+    judge: JudgeConfig = JudgeConfig()
+
+
 class AlgorithmConfig(_Section):
     estimator: Literal["gae", "grpo"] = "gae"
     """``gae``: critic PPO with token-level advantages. ``grpo``: critic-free group-relative."""
@@ -272,6 +319,7 @@ class Config(_Section):
     rollout: RolloutConfig = RolloutConfig()
     env: EnvConfig = EnvConfig()
     compaction: CompactionConfig = CompactionConfig()
+    antihack: AntihackConfig = AntihackConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     trainer: TrainerConfig = TrainerConfig()
     train: TrainConfig = TrainConfig()
@@ -297,6 +345,10 @@ class Config(_Section):
                 f"rollout.max_context_tokens ({self.rollout.max_context_tokens}) so the summary fits; "
                 "lower one of the first two or raise the last"
             )
+        j = self.antihack.judge
+        if self.antihack.enabled and self.antihack.mode == "judge" and j.kind != "policy" and not (j.url and j.model):
+            raise ValueError(f"antihack.judge: kind={j.kind} needs antihack.judge.url and antihack.judge.model "
+                             "(or use kind=policy, or antihack.mode=rules_only)")
         if self.engine.kind == "external" and not self.engine.urls:
             raise ValueError("engine.urls: engine.kind=external needs the servers' base URLs")
         if self.rollout.max_context_tokens > self.engine.max_seq_len:

@@ -38,6 +38,7 @@ def train(cfg: Config) -> Path:
             sub_traces = flatten(groups)
             samples = base_samples(sub_traces)
             metrics = rollout_metrics(groups, sub_traces) | gradient_share_metrics(sub_traces, cfg.algorithm)
+            metrics |= job.record_verdicts(step + 1, groups)
 
             with timer("score"):
                 job.score(samples)

@@ -108,6 +108,7 @@ class Job:
         self.run_dir = cfg.run.run_dir
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_checkpoints)
         self.state = DriverState()
+        self._audit: Any = None
         self._engine_actors: list[Any] = []
         self._weights_dir: Path | None = None
         self.logger: MetricsLogger | None = None
@@ -149,6 +150,13 @@ class Job:
         self.env_factory = make_env_factory(self.cfg.env)
         make_parser(self.cfg.rollout.parser)
         make_compactor(self.cfg.compaction)
+        if self.cfg.antihack.enabled:
+            from relayrl.antihack import RulePackError, make_rule_stage
+
+            try:
+                make_rule_stage(self.cfg.antihack)
+            except RulePackError as e:
+                raise ConfigError(f"antihack.rule_packs: {e}") from None
         try:
             env = self.env_factory()
         except (TypeError, ValueError) as e:
@@ -200,7 +208,7 @@ class Job:
         self.workers = [
             RolloutWorkerActor.options(num_cpus=0).remote(
                 cfg.rollout, cfg.env, self.model_path, urls, self.buffer, cfg.engine.request_timeout_s,
-                cfg.compaction)
+                cfg.compaction, cfg.antihack)
             for _ in range(cfg.rollout.num_workers)
         ]
 
@@ -281,6 +289,18 @@ class Job:
         for old in self._weights_dir.glob("v*"):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def record_verdicts(self, step: int, groups: list[list[Trajectory]]) -> dict[str, float]:
+        """Append the step's anti-hack verdicts to the audit log; their counts as metrics."""
+        if not self.cfg.antihack.enabled:
+            return {}
+        from relayrl.antihack.audit import AuditLog, antihack_metrics
+
+        if self._audit is None:
+            self._audit = AuditLog(self.run_dir, resume_step=self.state.step if self.cfg.run.resume else None)
+        trajs = [t for g in groups for t in g]
+        self._audit.write(step, trajs)
+        return antihack_metrics(trajs)
 
     def throughput(self, subs: list[SubTrace], seconds: float) -> dict[str, float]:
         tokens = sum(len(s.tokens) for s in subs)

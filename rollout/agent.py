@@ -11,6 +11,11 @@ appended, the policy writes the summary (the sub-trace's last action), and the e
 in a fresh context rebuilt from the start messages, the summary and the last turns, as the next
 sub-trace of the same trajectory. Only the last sub-trace carries the reward; GAE carries it
 back across the cuts.
+
+With a ``Gate`` (``antihack/gate.py``), every tool call is checked before it runs: a blocked
+call never reaches the env, the agent reads the rule's dummy output instead (shaped by the
+env's ``render_dummy`` when it has one) and the episode goes on. Each verdict on a flagged
+call is an ``antihack`` event of the sub-trace.
 """
 
 from __future__ import annotations
@@ -121,9 +126,11 @@ async def run_episode(
     limits: AgentLimits,
     compactor: Compactor | None = None,
     on_event: Callable[[Event], None] | None = None,
+    gate: Any = None,
 ) -> Trajectory:
     """Run one episode to its end and return its trajectory: one sub-trace per context window
     (more than one only when ``compactor`` compacts)."""
+    started = asyncio.get_running_loop().time()
     reset = await call_env(env.reset(job.task), "reset", limits.env_call_timeout_s)
     tools = reset.tools or None
     start = chat.with_tool_instructions(list(reset.messages), reset.tools)
@@ -134,6 +141,9 @@ async def run_episode(
     segments = [seg]
     terminal = False
     gen_tokens = 0
+    task_text = next((m["content"] for m in start if m.get("role") == "user"), None)
+    gate_counts = {"calls": 0.0, "flagged": 0.0, "blocked": 0.0, "judge_calls": 0.0, "judge_errors": 0.0,
+                   "seconds": 0.0}
 
     for turn in range(limits.max_turns):
         budget = min(limits.max_new_tokens, limits.max_context_tokens - len(seg.ctx.tokens))
@@ -160,8 +170,14 @@ async def run_episode(
             observation, done = f"error: {action.message}", False
         else:
             assert isinstance(action, ToolCall)
-            result = await call_env(env.step(action), "step", limits.env_call_timeout_s)
-            observation, done = result.observation, result.done
+            verdict = None
+            if gate is not None:
+                verdict = await gate_call(gate, action, task_text, messages, gate_counts, seg, turn)
+            if verdict is not None and verdict.blocked:
+                observation, done = render_dummy(env, action, verdict.dummy), False
+            else:
+                result = await call_env(env.step(action), "step", limits.env_call_timeout_s)
+                observation, done = result.observation, result.done
         if done:
             terminal = True
             break
@@ -228,8 +244,41 @@ async def run_episode(
     ]
     metrics = {"turns": float(sum(sg.turns for sg in segments)), "response_tokens": float(gen_tokens),
                "segments": float(n), "truncated": float(not terminal),
+               "episode_seconds": asyncio.get_running_loop().time() - started,
+               **({f"antihack_{k}": v for k, v in gate_counts.items()} if gate is not None else {}),
                **{f"env/{k}": float(v) for k, v in score.details.items()}}
     return Trajectory(job.trajectory_id, subs, float(score.reward), metrics)
+
+
+async def gate_call(gate: Any, action: ToolCall, task: str | None, messages: list[dict[str, str]],
+                    counts: dict[str, float], seg: "_Segment", turn: int) -> Any:
+    """Run the gate on ``action``; record the verdict of a flagged call as an event."""
+    start = asyncio.get_running_loop().time()
+    verdict = await gate.check(action.name, action.arguments, task=task,
+                               context=messages[-gate.context_messages:] if gate.context_messages else [])
+    counts["seconds"] += asyncio.get_running_loop().time() - start
+    counts["calls"] += 1
+    if verdict.flagged:
+        counts["flagged"] += 1
+        counts["blocked"] += float(verdict.blocked)
+        counts["judge_calls"] += float(verdict.stage == "judge" and not verdict.cached or verdict.judge_error is not None)
+        counts["judge_errors"] += float(verdict.judge_error is not None)
+        data = verdict.to_json()
+        data["call"] = {"name": action.name, "arguments": _clip_args(action.arguments)}
+        seg.events.append(Event("antihack", turn, data))
+    return verdict
+
+
+def _clip_args(arguments: dict[str, Any], limit: int = 2000) -> dict[str, Any]:
+    return {k: (v[:limit] + "...[clipped]" if isinstance(v, str) and len(v) > limit else v) for k, v in arguments.items()}
+
+
+def render_dummy(env: Env, call: ToolCall, dummy: Any) -> str:
+    """The observation a blocked call returns: the env's own rendering when it has one."""
+    render = getattr(env, "render_dummy", None)
+    if render is not None:
+        return render(call, dummy)
+    return dummy.render()
 
 
 def summary_seed(base: int | None, segment: int) -> int | None:
@@ -240,7 +289,8 @@ def summary_seed(base: int | None, segment: int) -> int | None:
 
 async def run_episode_with_retries(job: EpisodeJob, make_env: Callable[[], Env], engine: Engine,
                                    chat: ChatFormat, parser: Any, limits: AgentLimits,
-                                   max_retries: int, compactor: Compactor | None = None) -> Trajectory:
+                                   max_retries: int, compactor: Compactor | None = None,
+                                   gate: Any = None) -> Trajectory:
     """``run_episode`` that never raises: a dead engine or sandbox is retried up to
     ``max_retries`` times with a fresh env; an env timeout or an env bug fails the episode at
     once. A failed episode comes back as a ``Trajectory`` with ``failed=True``, its error and
@@ -250,7 +300,7 @@ async def run_episode_with_retries(job: EpisodeJob, make_env: Callable[[], Env],
     for _ in range(max_retries + 1):
         env = make_env()
         try:
-            return await run_episode(job, env, engine, chat, parser, limits, compactor)
+            return await run_episode(job, env, engine, chat, parser, limits, compactor, gate=gate)
         except EngineError as e:
             kind, error = "engine", str(e)
         except SandboxError as e:

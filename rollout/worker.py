@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from relayrl.config import CompactionConfig, EnvConfig, RolloutConfig
+from relayrl.config import AntihackConfig, CompactionConfig, EnvConfig, RolloutConfig
 from relayrl.registry import envs, parsers
 from relayrl.types import Trajectory
 
@@ -47,7 +47,8 @@ def make_parser(name: str):
 class RolloutWorker:
     def __init__(self, rollout_cfg: RolloutConfig, env_cfg: EnvConfig, tokenizer_path: str,
                  engine_urls: list[str], buffer: Any, request_timeout_s: float,
-                 compaction_cfg: CompactionConfig | None = None) -> None:
+                 compaction_cfg: CompactionConfig | None = None,
+                 antihack_cfg: AntihackConfig | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.cfg = rollout_cfg
@@ -57,6 +58,11 @@ class RolloutWorker:
         self.chat = ChatFormat(AutoTokenizer.from_pretrained(tokenizer_path), self.parser)
         self.engine = HttpEngineClient(engine_urls, timeout_s=request_timeout_s)
         self.buffer = buffer
+        self.gate = None
+        if antihack_cfg is not None and antihack_cfg.enabled:
+            from relayrl.antihack import make_gate
+
+            self.gate = make_gate(antihack_cfg, self.engine, self.chat.tok)
         self.limits = AgentLimits(
             max_turns=rollout_cfg.max_turns,
             max_new_tokens=rollout_cfg.max_new_tokens,
@@ -69,7 +75,8 @@ class RolloutWorker:
 
     async def _episode(self, job: EpisodeJob) -> Trajectory:
         return await run_episode_with_retries(job, self.env_factory, self.engine, self.chat, self.parser,
-                                              self.limits, self.cfg.max_episode_retries, self.compactor)
+                                              self.limits, self.cfg.max_episode_retries, self.compactor,
+                                              gate=self.gate)
 
     async def _run_one(self, job: EpisodeJob) -> str:
         async with self._sem:

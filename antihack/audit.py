@@ -63,7 +63,7 @@ def antihack_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     out |= {f"antihack/rule/{k}": float(v) for k, v in rules.items()}
     out |= {f"antihack/category/{k}": float(v) for k, v in categories.items()}
     out |= {f"antihack/blocked/{k}": float(v) for k, v in blocked_categories.items()}
-    episode_s = sum(t.metrics.get("episode_seconds", 0.0) for t in ok)
+    episode_s = sum(t.metrics.get("time/episode_s", 0.0) for t in ok)
     if episode_s > 0:
-        out["antihack/gate_time_share"] = sum(t.metrics.get("antihack_seconds", 0.0) for t in ok) / episode_s
+        out["time/antihack_gate_share"] = sum(t.metrics.get("time/antihack_gate_s", 0.0) for t in ok) / episode_s
     return out

@@ -63,7 +63,7 @@ def rollout_metrics(groups: list[list[Trajectory]], subs: list[SubTrace]) -> dic
         keys = sorted({k for t in ok for k in t.metrics})
         for k in keys:
             vals = [t.metrics[k] for t in ok if k in t.metrics]
-            out[f"rollout/{k}"] = sum(vals) / len(vals)
+            out[k if k.startswith("time/") else f"rollout/{k}"] = sum(vals) / len(vals)
     if subs:
         out["rollout/response_tokens_per_subtrace"] = sum(s.num_response_tokens for s in subs) / len(subs)
         out["rollout/tokens_per_subtrace"] = sum(len(s.tokens) for s in subs) / len(subs)

@@ -142,8 +142,8 @@ async def run_episode(
     terminal = False
     gen_tokens = 0
     task_text = next((m["content"] for m in start if m.get("role") == "user"), None)
-    gate_counts = {"calls": 0.0, "flagged": 0.0, "blocked": 0.0, "judge_calls": 0.0, "judge_errors": 0.0,
-                   "seconds": 0.0}
+    gate_counts = {"calls": 0.0, "flagged": 0.0, "blocked": 0.0, "judge_calls": 0.0, "judge_errors": 0.0}
+    gate_s = [0.0]
 
     for turn in range(limits.max_turns):
         budget = min(limits.max_new_tokens, limits.max_context_tokens - len(seg.ctx.tokens))
@@ -172,7 +172,7 @@ async def run_episode(
             assert isinstance(action, ToolCall)
             verdict = None
             if gate is not None:
-                verdict = await gate_call(gate, action, task_text, messages, gate_counts, seg, turn)
+                verdict = await gate_call(gate, action, task_text, messages, gate_counts, gate_s, seg, turn)
             if verdict is not None and verdict.blocked:
                 observation, done = render_dummy(env, action, verdict.dummy), False
             else:
@@ -244,19 +244,21 @@ async def run_episode(
     ]
     metrics = {"turns": float(sum(sg.turns for sg in segments)), "response_tokens": float(gen_tokens),
                "segments": float(n), "truncated": float(not terminal),
-               "episode_seconds": asyncio.get_running_loop().time() - started,
-               **({f"antihack_{k}": v for k, v in gate_counts.items()} if gate is not None else {}),
+               # time/ metrics vary run to run; they are averaged as they are, not as rollout/
+               "time/episode_s": asyncio.get_running_loop().time() - started,
+               **({f"antihack_{k}": v for k, v in gate_counts.items()} | {"time/antihack_gate_s": gate_s[0]}
+                  if gate is not None else {}),
                **{f"env/{k}": float(v) for k, v in score.details.items()}}
     return Trajectory(job.trajectory_id, subs, float(score.reward), metrics)
 
 
 async def gate_call(gate: Any, action: ToolCall, task: str | None, messages: list[dict[str, str]],
-                    counts: dict[str, float], seg: "_Segment", turn: int) -> Any:
+                    counts: dict[str, float], seconds: list[float], seg: "_Segment", turn: int) -> Any:
     """Run the gate on ``action``; record the verdict of a flagged call as an event."""
     start = asyncio.get_running_loop().time()
     verdict = await gate.check(action.name, action.arguments, task=task,
                                context=messages[-gate.context_messages:] if gate.context_messages else [])
-    counts["seconds"] += asyncio.get_running_loop().time() - start
+    seconds[0] += asyncio.get_running_loop().time() - start
     counts["calls"] += 1
     if verdict.flagged:
         counts["flagged"] += 1

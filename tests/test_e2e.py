@@ -67,9 +67,24 @@ def test_critic_ppo_learns_the_toy_env(tmp_path, tiny_model_dir):
 LEARNING_KEYS_SKIP = ("time/", "perf/")
 
 
+TOY_PACK = """\
+rules:
+  - id: toy.no_w1
+    category: toy
+    description: the toy policy may not say w1
+    match: {op: exec, program: w1}
+    dummy: "not allowed"
+"""
+
+
 def test_deterministic_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
-    base = tiny_overrides(tmp_path, tiny_model_dir, "x") + ["run.deterministic=true", "train.save_every=2",
-                                                           "rollout.tasks_per_step=8"]
+    """Also runs the anti-hack gate (rules only, a pack that blocks the answer ``w1``): its
+    verdicts reach the metrics and the audit log, and a resumed run records each step once."""
+    pack = tmp_path / "toy_pack.yaml"
+    pack.write_text(TOY_PACK)
+    base = tiny_overrides(tmp_path, tiny_model_dir, "x") + [
+        "run.deterministic=true", "train.save_every=2", "rollout.tasks_per_step=8",
+        "antihack.enabled=true", "antihack.mode=rules_only", f"antihack.rule_packs=[{pack}]"]
     full = train(load_config(None, base + ["run.name=full", "train.steps=4"]))
     train(load_config(None, base + ["run.name=split", "train.steps=2"]))
     split = train(load_config(None, base + ["run.name=split", "train.steps=4", "run.resume=true"]))
@@ -88,6 +103,20 @@ def test_deterministic_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
             if k.startswith(LEARNING_KEYS_SKIP) or k.startswith("buffer/"):
                 continue
             assert b[k] == pytest.approx(v, abs=1e-6), (a["step"], k)
+
+    def audit(run_dir: Path) -> list[dict]:
+        lines = [json.loads(line) for line in (run_dir / "antihack_audit.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in rec.items() if k not in ("rule_s", "judge_s")} for rec in lines]
+
+    records = audit(full)
+    assert records and audit(split) == records  # the resumed run repeats no step's verdicts
+    assert all(r["rule"] == "toy.no_w1" and r["blocked"] and r["call"]["arguments"]["text"].split()[0] == "w1"
+               for r in records)
+    for m in ma:
+        step_records = [r for r in records if r["step"] == m["step"]]
+        assert m["antihack/flagged"] == m["antihack/blocked"] == len(step_records)
+        assert m.get("antihack/rule/toy.no_w1", 0.0) == len(step_records)
+        assert m["antihack/calls"] >= m["antihack/flagged"]
 
 
 def test_async_resume_loses_no_trajectory_and_repeats_no_step(tmp_path, tiny_model_dir):

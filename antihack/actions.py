@@ -100,6 +100,7 @@ _GIT_GLOBAL_VALUE = frozenset({"-C", "-c", "--git-dir", "--work-tree", "--namesp
 _URLISH = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|git@[\w.-]+:|git\+)", re.I)
 _BARE_HOST = re.compile(r"^(?:[\w-]+\.)+[a-z]{2,}(?::\d+)?(?:/\S*)?$|^localhost(?::\d+)?(?:/\S*)?$"
                         r"|^\d+\.\d+\.\d+\.\d+(?::\d+)?(?:/\S*)?$", re.I)
+_PY_HINT = re.compile(r"\bimport\s+\w|\bdef\s+\w+\s*\(|\bclass\s+\w+|\blambda\b|\braise\s+SystemExit")
 _PATHLIKE = re.compile(r"^(?:~|\.{1,2}(?:/|$)|/)|/|\.[A-Za-z0-9]{1,8}$")
 
 
@@ -171,6 +172,8 @@ def write_ops(path: str, content: str | None, program: str, source: str) -> list
     ops = [Op("write", program=program, path=path, content=content, source=source)]
     if content is not None and (path.endswith((".py", ".pyw", ".pth")) or path.endswith("sitecustomize")):
         ops.extend(code_ops(content if not path.endswith(".pth") else _pth_code(content), program, "written_code"))
+    elif content is not None and (path.endswith((".sh", ".bash")) or re.match(r"#!\S*(ba|z|da)?sh\b", content)):
+        ops.extend(shell_ops(content))  # a script the agent will run: its commands are checked now
     return ops
 
 
@@ -218,6 +221,8 @@ def command_ops(cmd: Command) -> list[Op]:
             content = cmd.stdin if cmd.program in ("cat", "tee", "") else None
             if cmd.program in ("echo", "printf"):
                 content = " ".join(a for a in cmd.argv[1:] if not re.fullmatch(r"-[neE]+", a))
+                if cmd.program == "printf" or "-e" in cmd.argv[1:2]:
+                    content = _unescape(content)
             if cmd.program in (":", "true", "") and content is None:
                 content = ""
             ops.extend(write_ops(normalise(r.target, cmd.cwd), content, cmd.program or ">", "shell"))
@@ -226,6 +231,9 @@ def command_ops(cmd: Command) -> list[Op]:
     if not cmd.argv:
         return ops
     prog, args = cmd.program, cmd.argv[1:]
+    if prog in ("echo", "printf") and _PY_HINT.search(" ".join(args)):  # Python text on its way into a file
+        text = " ".join(a for a in args if not re.fullmatch(r"-[neE]+", a))
+        ops.extend(code_ops(_unescape(text) if prog == "printf" or "-e" in args[:1] else text, prog, "written_code"))
     if PYTHON_RE.match(prog) and args[:1] == ["-m"] and len(args) > 1:  # python -m pip ... is pip ...
         return ops + command_ops(Command([args[1], *args[2:]], cmd.redirects, {}, cmd.piped, cmd.depth, cmd.cwd))
     sub = _subcommand(prog, args)
@@ -237,9 +245,14 @@ def command_ops(cmd: Command) -> list[Op]:
             if eq:
                 ops.append(Op("env", program=name, content=value, source="shell"))
     ops.extend(_path_ops(cmd, prog, args))
-    ops.extend(_net_ops(prog, sub, args))
+    ops.extend(_net_ops(prog, sub, args, cmd.piped))
     ops.extend(_code_ops_of(cmd, prog, args))
     return ops
+
+
+def _unescape(text: str) -> str:
+    """``printf``/``echo -e`` escapes (``\\n``, ``\\t``, ``\\\\``) as the shell would expand them."""
+    return re.sub(r"\\([ntr\\'\"])", lambda m: {"n": "\n", "t": "\t", "r": "\r"}.get(m.group(1), m.group(1)), text)
 
 
 def _subcommand(prog: str, args: list[str]) -> str:
@@ -372,11 +385,8 @@ def _path_ops(cmd: Command, prog: str, args: list[str]) -> list[Op]:
             for root in operands[1:] or ["."]:
                 ops.append(Op("search", program=prog, path=norm(root), pattern=pattern, source="shell"))
         else:
-            recursive = prog in ("tree", "du") or any(re.fullmatch(r"-[a-zA-Z]*R[a-zA-Z]*", a) or a == "--recursive"
-                                                      for a in args)
-            for root in operands or ["."]:
-                ops.append(Op("search" if recursive else "path", program=prog, path=norm(root),
-                              pattern=None, source="shell"))
+            for root in operands or ["."]:  # a listing is a (shallow) search of its directory
+                ops.append(Op("search", program=prog, path=norm(root), pattern=None, source="shell"))
     elif prog in READERS or prog in ("cd", "pushd"):
         kind = "path" if prog in ("cd", "pushd") else "read"
         for a in operands:
@@ -391,17 +401,20 @@ def _path_ops(cmd: Command, prog: str, args: list[str]) -> list[Op]:
     return ops
 
 
-def _net_ops(prog: str, sub: str, args: list[str]) -> list[Op]:
+def _net_ops(prog: str, sub: str, args: list[str], piped: bool = False) -> list[Op]:
     ops: list[Op] = []
     urls = [a for a in args if _URLISH.match(a)]
+    if prog in ("pip", "pip3", "uv", "pipx", "poetry", "conda", "mamba", "git", "hg", "svn", "npm", "yarn"):
+        # requirement strings carry URLs anywhere: "proj @ git+https://host/..."
+        urls += [m for a in args if not _URLISH.match(a) for m in pycode.URL_RE.findall(a)]
     if prog in NET_PROGRAMS:
         targets = _operands(args, frozenset({"-o", "-O", "-H", "-d", "-X", "-u", "-A", "-e", "-T", "-F", "-w",
                                              "--output", "--header", "--data", "-P", "--user-agent"}))
         for a in targets:
             if _URLISH.match(a) or _BARE_HOST.match(a):
                 ops.append(Op("net", program=prog, url=a, host=host_of(a), source="shell"))
-        if targets and not ops:  # a target the parser cannot read (`curl "$U"`, `wget -i list`): unknown host
-            ops.append(Op("net", program=prog, url=targets[0], host=None, source="shell"))
+        if (targets or piped) and not ops:  # a target the parser cannot read (`curl "$U"`, `| xargs curl`)
+            ops.append(Op("net", program=prog, url=targets[0] if targets else None, host=None, source="shell"))
         return ops
     if prog in SOCKET_PROGRAMS:
         hosts = [a for a in _operands(args) if _BARE_HOST.match(a) or re.fullmatch(r"[\w.-]+", a) and not a.isdigit()]

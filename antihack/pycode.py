@@ -12,7 +12,8 @@ Findings (the names rule packs refer to):
 ``always_true_eq``    ``__eq__`` that returns True whatever it is given (or ``__ne__`` False)
 ``exit_at_import``    the module exits (``sys.exit``, ``os._exit``, ``raise SystemExit``) when
                       imported, outside an ``if __name__ == "__main__"`` guard and any function
-``hard_exit``         ``os._exit`` / ``os.abort`` / killing its own process, anywhere
+``hard_exit``         ``os._exit`` / ``os.abort`` / killing its own process, anywhere; or
+                      ``sys.exit``/``SystemExit`` from a function that is not a main/CLI entry
 ``patch_assertions``  rebinding attributes of ``unittest``, ``pytest``, ``builtins``, assertion
                       classes, or entries of ``sys.modules``
 ``patch_timers``      rebinding ``time.*`` / ``datetime``, or ``signal`` alarm and timer tricks
@@ -92,6 +93,12 @@ def analyze(code: str) -> PyFacts:
         return _regex_fallback(code)
     visitor = _Visitor(facts)
     visitor.visit(tree)
+    # A .py file written with content the analysis cannot follow (built up in variables): its
+    # string literals are what ends up in it, so they are read as code too.
+    if any(c is None and p.endswith(".py") for p, c in facts.writes):
+        literals = "\n".join(_string_constants(tree))
+        if literals.strip():
+            facts.findings |= analyze(literals).findings if literals != code else set()
     if visitor.forced_outcome and re.search(r"pytest|report|hook", code):
         facts.findings.add("pytest_hooks")
     _import_time_exits(tree.body, facts)
@@ -118,30 +125,33 @@ def _dotted(node: ast.AST) -> str:
     return ".".join(reversed(parts))
 
 
-def _literal(node: ast.AST | None) -> str | None:
+def _literal(node: ast.AST | None, bound: dict[str, str] | None = None) -> str | None:
     """A string the node always evaluates to: constants, ``+`` of constants, ``os.path.join``
-    and ``Path(...) / ...`` of constants, f-strings without fields."""
+    and ``Path(...) / ...`` of constants, f-strings (fields as ``*``), and names ``bound`` to
+    such a string earlier (``p = "tests/x.py"``, ``for p in Path("tests").glob("*.py")``)."""
     if node is None:
         return None
+    if isinstance(node, ast.Name) and bound is not None:
+        return bound.get(node.id)
     if isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)):
         v = node.value
         return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Div)):
-        a, b = _literal(node.left), _literal(node.right)
+        a, b = _literal(node.left, bound), _literal(node.right, bound)
         if a is not None and b is not None:
             return a + ("/" if isinstance(node.op, ast.Div) else "") + b
     if isinstance(node, ast.JoinedStr):
-        parts = [_literal(v) if not isinstance(v, ast.FormattedValue) else "*" for v in node.values]
+        parts = [_literal(v, bound) if not isinstance(v, ast.FormattedValue) else "*" for v in node.values]
         return "".join(p or "" for p in parts)
     if isinstance(node, ast.Call):
         name = _dotted(node.func)
         if name in ("os.path.join", "posixpath.join") and node.args:
-            parts = [_literal(a) for a in node.args]
+            parts = [_literal(a, bound) for a in node.args]
             if all(p is not None for p in parts):
                 return "/".join(p.rstrip("/") for p in parts)  # type: ignore[union-attr]
         if name.split(".")[-1] in ("Path", "PurePath", "PosixPath", "str", "abspath", "expanduser",
                                     "realpath", "normpath", "fspath") and node.args:
-            return _literal(node.args[0])
+            return _literal(node.args[0], bound)
     return None
 
 
@@ -154,6 +164,41 @@ class _Visitor(ast.NodeVisitor):
         self.f = facts
         self.aliases: dict[str, str] = {}  # local name -> module path (import x as y, from a import b)
         self.forced_outcome = False
+        self.bound: dict[str, str] = {}  # local name -> the path (or string) it holds
+        self.handles: dict[str, tuple[str, bool]] = {}  # open file name -> (path, opened for writing)
+
+    def lit(self, node: ast.AST | None) -> str | None:
+        return _literal(node, self.bound)
+
+    def visit_For(self, node: ast.For) -> None:
+        it = node.iter
+        if isinstance(node.target, ast.Name) and isinstance(it, ast.Call):
+            name = self._resolve(_dotted(it.func))
+            first = self.lit(it.args[0]) if it.args else None
+            if isinstance(it.func, ast.Attribute) and it.func.attr in ("glob", "rglob", "iterdir"):
+                base = self.lit(it.func.value)
+                if base is not None:
+                    self.bound[node.target.id] = f"{base}/{first or '*'}"
+            elif name in ("glob.glob", "glob.iglob", "os.listdir") and first is not None:
+                self.bound[node.target.id] = first if "glob" in name else f"{first}/*"
+        self.generic_visit(node)
+
+    def visit_With(self, node: ast.With) -> None:
+        for item in node.items:
+            call = item.context_expr
+            if isinstance(call, ast.Call) and isinstance(item.optional_vars, ast.Name):
+                name = self._resolve(_dotted(call.func))
+                target = self.lit(call.args[0]) if call.args else None
+                if isinstance(call.func, ast.Attribute) and call.func.attr == "open":
+                    target, mode = self.lit(call.func.value), self.lit(call.args[0]) if call.args else "r"
+                else:
+                    mode = self.lit(call.args[1]) if len(call.args) > 1 else next(
+                        (self.lit(k.value) for k in call.keywords if k.arg == "mode"), "r")
+                if target is not None and (name in ("open", "io.open", "codecs.open") or call.func.__class__ is ast.Attribute):
+                    self.handles[item.optional_vars.id] = (target, any(c in (mode or "r") for c in "wax+"))
+        self.generic_visit(node)
+
+    visit_AsyncWith = visit_With  # type: ignore[assignment]
 
     def _resolve(self, name: str) -> str:
         head, _, rest = name.partition(".")
@@ -184,6 +229,13 @@ class _Visitor(ast.NodeVisitor):
             returns = [n for n in ast.walk(node) if isinstance(n, ast.Return)]
             if returns and all(_is_const_bool(r.value, want) for r in returns):
                 self.f.findings.add("always_true_eq")
+        if not node.name.startswith(("main", "cli", "run", "entry", "_main")):
+            for n in _walk_no_defs_body(node):  # exiting from a library function: the tests never finish
+                if isinstance(n, ast.Raise) and n.exc is not None and "SystemExit" in _dotted(
+                        n.exc.func if isinstance(n.exc, ast.Call) else n.exc):
+                    self.f.findings.add("hard_exit")
+                if isinstance(n, ast.Call) and self._resolve(_dotted(n.func)) in ("sys.exit", "exit", "quit"):
+                    self.f.findings.add("hard_exit")
         if node.name.startswith("pytest_") or any("hookimpl" in _dotted(d.func if isinstance(d, ast.Call) else d)
                                                   for d in node.decorator_list):
             self.f.findings.add("pytest_hooks")
@@ -195,6 +247,9 @@ class _Visitor(ast.NodeVisitor):
     def visit_Assign(self, node: ast.Assign) -> None:
         for t in node.targets:
             self._rebind(t, node.value)
+            value = self.lit(node.value)
+            if isinstance(t, ast.Name) and value is not None:
+                self.bound[t.id] = value
         self.generic_visit(node)
 
     def visit_AugAssign(self, node: ast.AugAssign) -> None:
@@ -251,7 +306,16 @@ class _Visitor(ast.NodeVisitor):
         name = self._resolve(raw)
         last = name.split(".")[-1]
         args = node.args
-        first = _literal(args[0]) if args else None
+        first = self.lit(args[0]) if args else None
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr in ("write", "writelines") and args:
+            target = None
+            if isinstance(func.value, ast.Name) and func.value.id in self.handles:
+                target = self.handles[func.value.id][0]
+            elif isinstance(func.value, ast.Call) and self._resolve(_dotted(func.value.func)) in ("open", "io.open"):
+                target = self.lit(func.value.args[0]) if func.value.args else None
+            if target is not None:
+                self.f.writes.append((target, first))
         if name in ("__import__", "importlib.import_module") and first:
             self._note_module(first)
         if name in _SHELL_CALLS:
@@ -314,6 +378,7 @@ class _Visitor(ast.NodeVisitor):
 
     def _files(self, node: ast.Call, name: str, last: str, first: str | None) -> None:
         args = node.args
+        _literal = self.lit  # noqa: N806  (names bound earlier resolve too)
         if name in ("open", "io.open", "codecs.open", "builtins.open", "os.open") and first is not None:
             mode = _literal(args[1]) if len(args) > 1 else next(
                 (_literal(k.value) for k in node.keywords if k.arg == "mode"), None)
@@ -411,6 +476,12 @@ def _import_time_exits(body: list[ast.stmt], facts: PyFacts) -> None:
                 facts.findings.add("exit_at_import")
             if isinstance(node, ast.Call) and _dotted(node.func) == "atexit.register" and "_exit" in ast.dump(node):
                 facts.findings.add("hard_exit")
+
+
+def _walk_no_defs_body(fn: ast.AST):
+    """The nodes of a function's own body (nested functions left out)."""
+    for stmt in getattr(fn, "body", []):
+        yield from _walk_no_defs(stmt)
 
 
 def _walk_no_defs(node: ast.AST):

@@ -309,6 +309,11 @@ def parse(line: str, depth: int = 0, env: dict[str, str] | None = None) -> list[
     def flush(next_piped: bool) -> None:
         nonlocal words, redirects, piped
         if words or redirects:
+            if piped and words and words[0].text == "xargs" and out:
+                # `find tests -name '*.py' | xargs rm`: xargs hands on what the previous command printed
+                hint = _output_hint(out[-1])
+                if hint:
+                    words = [*words, _Word(hint, [])]
             _emit(words, redirects, piped, depth, env, out)
         words, redirects, piped = [], [], next_piped
 
@@ -334,9 +339,30 @@ def parse(line: str, depth: int = 0, env: dict[str, str] | None = None) -> list[
     return out
 
 
+_WHICH = re.compile(r"\$\((?:which|command -v|type -p)\s+([\w.+-]+)\)|`(?:which|command -v)\s+([\w.+-]+)`")
+
+
+def _output_hint(cmd: Command) -> str | None:
+    """What a listing command prints, as a path glob: ``find R -name P`` -> ``R/P``;
+    ``ls``/``git ls-files``/``grep -l`` -> their first path operand."""
+    argv = cmd.argv
+    if not argv:
+        return None
+    prog = os.path.basename(argv[0])
+    if prog == "find":
+        roots = _take_while(argv[1:], lambda a: not a.startswith(("-", "(", "!"))) or ["."]
+        names = [argv[k + 1] for k in range(len(argv) - 1) if argv[k] in ("-name", "-iname", "-path", "-ipath")]
+        return os.path.join(roots[0], names[0] if names else "*")
+    if prog in ("ls", "git", "grep", "rg", "fd"):
+        paths = [a for a in argv[1:] if not a.startswith("-") and ("/" in a or "." in a or a in ("tests", "test"))]
+        return paths[-1] if paths else None
+    return None
+
+
 def _subst(text: str, env: dict[str, str]) -> str:
-    if "$" not in text:
+    if "$" not in text and "`" not in text:
         return text
+    text = _WHICH.sub(lambda m: f"/usr/bin/{m.group(1) or m.group(2)}", text)  # where the program lives
     return _VAR.sub(lambda m: env.get(m.group(1) or m.group(2), m.group(0)), text)
 
 
@@ -386,13 +412,16 @@ def _unwrap(cmd: Command, env: dict[str, str]) -> list[Command]:
         return parse(" ".join(argv[1:]), depth, env)
     if prog in ("find",):
         out: list[Command] = []
+        roots = [a for a in _take_while(argv[1:], lambda a: not a.startswith(("-", "(", "!")))] or ["."]
+        names = [argv[k + 1] for k in range(len(argv) - 1) if argv[k] in ("-name", "-iname", "-path", "-ipath")]
+        found = os.path.join(roots[0], names[0] if names else "*")  # what {} stands for: a match under the root
         i = 0
         while i < len(argv):
             if argv[i] in ("-exec", "-execdir", "-ok", "-okdir"):
                 j = i + 1
                 while j < len(argv) and argv[j] not in (";", "+"):
                     j += 1
-                inner = [a.replace("{}", "FILE") for a in argv[i + 1:j]]
+                inner = [a.replace("{}", found) for a in argv[i + 1:j]]
                 if inner:
                     out.extend(_as_command(inner, cmd, depth, env))
                 i = j
@@ -406,6 +435,15 @@ def _unwrap(cmd: Command, env: dict[str, str]) -> list[Command]:
         if rest:
             return _as_command(rest, cmd, depth, env)
     return []
+
+
+def _take_while(items: list[str], keep) -> list[str]:
+    out = []
+    for a in items:
+        if not keep(a):
+            break
+        out.append(a)
+    return out
 
 
 def _as_command(argv: list[str], parent: Command, depth: int, env: dict[str, str]) -> list[Command]:

@@ -54,7 +54,7 @@ def test_wrappers_and_nested_shells_are_looked_through():
     assert cmds[-1] == ["curl", "-s", "x.io"]
     assert ["rm", "-rf", "tests"] in argvs("bash -lc 'cd /tmp; rm -rf tests'")
     assert ["git", "reflog"] in argvs("eval git reflog")
-    assert ["cat", "FILE"] in argvs("find / -name '*hidden*' -exec cat {} \\;")
+    assert ["cat", "/*hidden*"] in argvs("find / -name '*hidden*' -exec cat {} \\;")
     assert ["rm", "{}"] in argvs("ls | xargs -I{} sh -c 'rm {}'")
     assert ["curl", "x.io"] in argvs("sh <<EOF\ncurl x.io\nEOF")
     assert ["ls", "/"] in argvs("ssh user@host ls /")

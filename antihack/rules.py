@@ -188,6 +188,7 @@ def _glob_regex(pattern: str) -> str:
 class PathClasses:
     def __init__(self, classes: dict[str, list[str]]) -> None:
         self.globs = {k: list(v) for k, v in classes.items()}
+        self._memo: dict[tuple[str, str], bool] = {}
         self._re = {k: re.compile("|".join(f"(?:{_glob_regex(g)})" for g in v) or r"(?!)", re.I)
                     for k, v in classes.items()}
 
@@ -195,6 +196,15 @@ class PathClasses:
         return set(self.globs) | set(BUILTIN_CLASSES)
 
     def contains(self, cls: str, path: str) -> bool:
+        key = (cls, path)
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) > 65536:
+                self._memo.clear()
+            hit = self._memo[key] = self._contains(cls, path)
+        return hit
+
+    def _contains(self, cls: str, path: str) -> bool:
         if cls == "escapes":
             return is_escape(path)
         if cls == "root":

@@ -12,7 +12,7 @@ gate's share of rollout time.
    SmolLM2 engine (``EngineJudge``, 64 tokens). The small judge is measured for its cost; its
    verdicts (and how often they agree with the labels) are printed too, not claimed to be good.
 
-    python bench/bench_antihack.py                # full: --repeat 20, --sample 24
+    python bench/bench_antihack.py                # full: --repeat 10, --sample 16
     python bench/bench_antihack.py --quick        # --repeat 3, --sample 8
 """
 
@@ -147,8 +147,8 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=None)
     ap.add_argument("--no-rollout", action="store_true", help="skip part 3 (needs SmolLM2)")
     args = ap.parse_args()
-    repeat = args.repeat or (3 if args.quick else 20)
-    sample = args.sample or (8 if args.quick else 24)
+    repeat = args.repeat or (3 if args.quick else 10)
+    sample = args.sample or (8 if args.quick else 16)
     records = load_labelled()
     rule_latency(records, repeat)
     if not args.no_rollout:

@@ -258,9 +258,15 @@ class LocalSandbox:
                 await asyncio.wait_for(pumps, 5.0)
             except asyncio.TimeoutError:  # a pipe held open by something that escaped (mode "none")
                 pumps.cancel()
-            code = proc.returncode if proc.returncode is not None else -signal.SIGKILL
-            if code < 0 and not timed_out:  # mode "none": report a signal as a shell does
-                code = 128 - code
+            if timed_out:
+                # We killed it, so its status is SIGKILL whatever the reaper saw: asyncio's child
+                # watcher reports 255 when it finds the child already reaped by another waitpid()
+                # in this process (seen once in CI, in a suite that also runs Ray and DeepSpeed).
+                code = -signal.SIGKILL
+            else:
+                code = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+                if code < 0:  # mode "none": report a signal as a shell does
+                    code = 128 - code
             return ExecResult(exit_code=code, stdout=out.text(), stderr=err.text(), timed_out=timed_out,
                               truncated=bool(out.dropped or err.dropped), duration_s=time.monotonic() - start)
 

@@ -311,6 +311,68 @@ class LoggingConfig(_Section):
     """Show a progress bar of steps and rollouts."""
 
 
+class TeacherConfig(_Section):
+    name: str
+    """The teacher's name (in metrics, ``relayrl eval`` and ``distill.fallback_teacher``)."""
+    path: str
+    """Its checkpoint: a local HF directory with the student's tokenizer and vocabulary."""
+    domains: list[str]
+    """The sample domains it owns (a task's ``domain`` field); each domain has one owner."""
+    weight: float = Field(1.0, gt=0)
+    """Multiplies ``distill.coef`` on the samples routed to this teacher."""
+
+
+class DistillConfig(_Section):
+    """Multi-teacher on-policy distillation (``relayrl distill``): the student (``model.path``)
+    samples, the teacher owning each sample's domain scores the sampled tokens, and the
+    per-token reverse KL is the advantage of the clipped policy-gradient loss."""
+
+    teachers: list[TeacherConfig] = []
+    """The teachers: name, checkpoint path, domains owned, optional weight."""
+    coef: float = Field(1.0, gt=0)
+    """Distillation coefficient: adv_t = -coef * weight * (logp_student(x_t) - logp_teacher(x_t))."""
+    advantage_clip: float | None = Field(5.0, gt=0)
+    """Bound of the distillation advantage to [-c, c] (before a task advantage is added); None = off."""
+    add_task_advantage: bool = False
+    """Also add the task advantage (``algorithm.estimator``: gae trains a critic, grpo needs
+    ``rollout.group_size`` >= 2) to the distillation advantage."""
+    fallback_teacher: str | None = None
+    """A teacher name that scores samples whose domain no teacher owns; None = such a domain is
+    an error at start-up (and a sample with one is an error during the run)."""
+    max_resident_teachers: int | None = Field(None, ge=1)
+    """Most teachers loaded at once; None = no limit by count."""
+    pool_memory_gb: float | None = Field(None, gt=0)
+    """Memory budget of the loaded teachers (their weights' size on disk, GiB); None = no limit."""
+    teacher_temperature: float = Field(1.0, gt=0)
+    """Temperature the teachers score at (the student's logprobs use ``rollout.temperature``)."""
+    teacher_threads: int | None = Field(None, ge=1)
+    """torch threads of each CPU teacher engine; None = all cores."""
+    eval_tasks: str | None = None
+    """Tasks (jsonl/parquet with ``prompt`` and ``domain``) for ``relayrl eval``; None = ``env.tasks``."""
+    eval_max_new_tokens: int = Field(16, ge=1)
+    """Tokens the greedy completions of ``relayrl eval`` may take."""
+
+    @model_validator(mode="after")
+    def _teachers_consistent(self) -> "DistillConfig":
+        names = [t.name for t in self.teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"distill.teachers: the name {dup[0]!r} is used twice; give each teacher its own name")
+        owner: dict[str, str] = {}
+        for t in self.teachers:
+            if not t.domains:
+                raise ValueError(f"distill.teachers: teacher {t.name!r} owns no domain; list its domains")
+            for d in t.domains:
+                if d in owner:
+                    raise ValueError(f"distill.teachers: domain {d!r} is owned by both {owner[d]!r} and "
+                                     f"{t.name!r}; give each domain one teacher")
+                owner[d] = t.name
+        if self.fallback_teacher is not None and self.fallback_teacher not in names:
+            raise ValueError(f"distill.fallback_teacher: {self.fallback_teacher!r} is not a teacher; use one of "
+                             f"{', '.join(names) or '(none configured)'} or null")
+        return self
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -324,6 +386,7 @@ class Config(_Section):
     trainer: TrainerConfig = TrainerConfig()
     train: TrainConfig = TrainConfig()
     logging: LoggingConfig = LoggingConfig()
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

@@ -73,7 +73,17 @@ class SubTrace:
     group_id: episodes started from the same task share it (group-relative estimators).
     task_index: the position of the task in the run's data order (for resume and ordering).
     events: anti-hack verdicts, parse errors, caps, ...
-    """
+    kind: how this context window began: ``turns`` (the episode's first context in the white-box
+        loop), ``compaction`` (the context after a compaction cut), ``subagent`` (a child agent's
+        own context, ``rollout/subagent.py``), ``blackbox`` (calls recorded by the black-box
+        proxy, ``rollout/proxy.py``).
+    parent_segment: for a child trace (a sub-agent's), the ``segment`` of the sub-trace whose
+        tool call started it; -1 for the main chain. Child traces are numbered before the main
+        chain, so the main chain's last sub-trace is still ``num_segments - 1``.
+    parent_position: for a child trace, the index in the parent's ``tokens`` where the child's
+        result returns (the first token of the observation that carries it); -1 otherwise.
+        GAE continues from the child's last action to the parent's first action at or after it
+        (``rl/batching.py``).
 
     tokens: list[int]
     loss_mask: list[int]
@@ -88,6 +98,9 @@ class SubTrace:
     group_id: str = ""
     task_index: int = 0
     events: list[Event] = field(default_factory=list)
+    kind: str = "turns"
+    parent_segment: int = -1
+    parent_position: int = -1
 
     def __post_init__(self) -> None:
         n = len(self.tokens)

@@ -201,6 +201,60 @@ class AntihackConfig(_Section):
     judge: JudgeConfig = JudgeConfig()
 
 
+class BlackboxConfig(_Section):
+    enabled: bool = False
+    """Black-box rollouts: instead of relayrl's agent loop, each episode runs ``command`` (your
+    agent harness) in a sandbox against a per-episode OpenAI-compatible endpoint in front of the
+    engine, which records every call token-exactly (``rollout/proxy.py``, ``rollout/blackbox.py``)."""
+    command: str | None = None
+    """Shell command that starts the agent, run with ``bash -c`` in the sandbox's workspace. It
+    finds the endpoint in ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` (per episode), the task in the
+    JSON file ``$RELAYRL_TASK`` and the env's tools at ``$RELAYRL_ENV_URL``. Required when enabled."""
+    sandbox: dict[str, Any] = {}
+    """Where the agent runs, when the env has no sandbox of its own: a sandbox spec like
+    ``env.kwargs.sandbox`` (``{kind: local, timeout_s: 600, ...}``; local is the default)."""
+    timeout_s: float = Field(600.0, gt=0)
+    """Wall clock of the whole agent process; past it the agent is killed and the episode is
+    scored as truncated."""
+    upload: list[str] = []
+    """Host files copied into the sandbox's ``.relayrl/agent/`` before the command starts (your
+    harness's code, for sandboxes that cannot see the host's files, e.g. remote ones)."""
+    max_calls: int = Field(64, ge=1)
+    """Chat-completion calls one episode may make; later calls get an error and the episode is
+    truncated."""
+    max_sub_traces: int = Field(16, ge=1)
+    """Distinct contexts (sub-traces) one episode may open; a call that would open another gets
+    an error and the episode is truncated."""
+    model_name: str = "relayrl-policy"
+    """The model name the endpoint reports (any name is accepted in requests)."""
+
+
+class SubagentConfig(_Section):
+    enabled: bool = False
+    """Offer the policy a ``spawn_subagent`` tool: a child agent loop in a context of its own,
+    whose final answer returns as the tool's output; each child is a sub-trace with a parent
+    link (``rollout/subagent.py``)."""
+    max_depth: int = Field(1, ge=1)
+    """How deep sub-agents nest (1 = the main agent may spawn, its children may not)."""
+    max_per_episode: int = Field(4, ge=1)
+    """Sub-agents one episode may start; later calls get an error observation."""
+    max_turns: int = Field(4, ge=1)
+    """Turns a child may take before it is stopped (its last text is then its answer)."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Tokens per child turn; None = ``rollout.max_new_tokens``."""
+    max_context_tokens: int | None = Field(None, ge=16)
+    """A child's own context limit; None = ``rollout.max_context_tokens``."""
+    system_prompt: str = ("You are a sub-agent. Do the task you are given with the tools you have, "
+                          "then reply with your final answer only, without a tool call.")
+    """The child's system message (an env may give children its own start via
+    ``subagent_reset``)."""
+    parser: str | None = None
+    """The children's tool-call parser; None = ``rollout.parser``."""
+    train_children: bool = True
+    """Train on the children's sampled tokens (loss_mask 1); off = their traces are recorded with
+    loss_mask 0 and carry no gradient."""
+
+
 class AlgorithmConfig(_Section):
     estimator: Literal["gae", "grpo"] = "gae"
     """``gae``: critic PPO with token-level advantages. ``grpo``: critic-free group-relative."""
@@ -382,6 +436,8 @@ class Config(_Section):
     env: EnvConfig = EnvConfig()
     compaction: CompactionConfig = CompactionConfig()
     antihack: AntihackConfig = AntihackConfig()
+    blackbox: BlackboxConfig = BlackboxConfig()
+    subagents: SubagentConfig = SubagentConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     trainer: TrainerConfig = TrainerConfig()
     train: TrainConfig = TrainConfig()
@@ -412,6 +468,12 @@ class Config(_Section):
         if self.antihack.enabled and self.antihack.mode == "judge" and j.kind != "policy" and not (j.url and j.model):
             raise ValueError(f"antihack.judge: kind={j.kind} needs antihack.judge.url and antihack.judge.model "
                              "(or use kind=policy, or antihack.mode=rules_only)")
+        if self.blackbox.enabled and not (self.blackbox.command or "").strip():
+            raise ValueError("blackbox.command: black-box mode needs the shell command that starts your agent "
+                             "(e.g. blackbox.command='python /path/agent.py'), or set blackbox.enabled=false")
+        if self.blackbox.enabled and (self.compaction.enabled or self.subagents.enabled):
+            raise ValueError("blackbox.enabled: in black-box mode the harness manages its own context and "
+                             "sub-agents; set compaction.enabled=false and subagents.enabled=false")
         if self.engine.kind == "external" and not self.engine.urls:
             raise ValueError("engine.urls: engine.kind=external needs the servers' base URLs")
         if self.rollout.max_context_tokens > self.engine.max_seq_len:

@@ -38,7 +38,7 @@ def opd_advantages(
     student_logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     loss_mask: torch.Tensor,
-    coef: float,
+    coef: float | torch.Tensor,
     clip: float | None = None,
     task_advantages: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -48,7 +48,8 @@ def opd_advantages(
         student_logprobs: (b, t) logp_s of the sampled tokens (no grad needed).
         teacher_logprobs: (b, t) logp_T of the same tokens.
         loss_mask:        (b, t) 1 = a token the student sampled and is trained on.
-        coef:             coef (>= 0).
+        coef:             coef (>= 0): a float, or a tensor broadcastable to (b, t), e.g. (b, 1)
+                          for a per-sample coefficient (a teacher's weight times coef).
         clip:             c > 0 bounds the distillation term to [-c, c] before the task
                           advantage is added; None = no clip.
         task_advantages:  (b, t) A_task to add, or None.
@@ -56,7 +57,7 @@ def opd_advantages(
     Returns:
         (b, t) adv_t, 0 where loss_mask is 0.
     """
-    if coef < 0:
+    if bool((torch.as_tensor(coef) < 0).any()):
         raise ValueError(f"coef must be >= 0, got {coef}")
     if clip is not None and clip <= 0:
         raise ValueError(f"clip must be > 0, got {clip}")
@@ -73,24 +74,35 @@ def opd_advantages_reference(
     student_logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     loss_mask: torch.Tensor,
-    coef: float,
+    coef: float | torch.Tensor,
     clip: float | None = None,
     task_advantages: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``opd_advantages`` written one token at a time, the definition it is tested against."""
     b, t = student_logprobs.shape
+    coefs = torch.as_tensor(coef, dtype=torch.float64).broadcast_to((b, t))
     out = torch.zeros(b, t, dtype=student_logprobs.dtype)
     for i in range(b):
         for j in range(t):
             if not bool(loss_mask[i, j]):
                 continue
-            a = -coef * (float(student_logprobs[i, j]) - float(teacher_logprobs[i, j]))
+            a = -float(coefs[i, j]) * (float(student_logprobs[i, j]) - float(teacher_logprobs[i, j]))
             if clip is not None:
                 a = min(max(a, -clip), clip)
             if task_advantages is not None:
                 a += float(task_advantages[i, j])
             out[i, j] = a
     return out
+
+
+def clipped_fraction(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, loss_mask: torch.Tensor,
+                     coef: float | torch.Tensor, clip: float | None) -> torch.Tensor:
+    """0-d: the fraction of action tokens whose distillation term the clip bounded."""
+    mask = loss_mask.bool()
+    if clip is None:
+        return torch.zeros((), dtype=torch.float64)
+    raw = -coef * _masked(student_logprobs - teacher_logprobs, mask)
+    return ((raw.abs() > clip) & mask).sum().to(torch.float64) / mask.sum().clamp(min=1)
 
 
 def sampled_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,

@@ -16,7 +16,9 @@ containers and on GPU nodes) each command runs like this::
 
 What it protects against, one property per attack test (``tests/test_sandbox_attacks.py``):
 
-- network access: the network namespace has only a loopback interface, down;
+- network access: the network namespace has only a loopback interface, down (with
+  ``SandboxLimits.loopback`` it is up, but the namespace is the command's own: 127.0.0.1 there
+  reaches only the command's own processes, never the host's or another sandbox's);
 - fork bombs: RLIMIT_NPROC on a uid no other process has;
 - memory hogs: RLIMIT_AS;
 - infinite loops: RLIMIT_CPU, and a wall-clock timeout that kills the PID namespace's init,
@@ -82,7 +84,7 @@ SHIPPED_TASKS_DIR = Path(__file__).parent / "tasks"
 # "hide:PATH" / "keep:PATH", then "--", then the prlimit + bash argv.
 _SETUP = r"""
 set -e
-ws="$1"; uid="$2"; shift 2
+ws="$1"; uid="$2"; lo="$3"; shift 3
 stage=/run/.relayrl-stage
 mount -t tmpfs -o mode=0755,size=1m tmpfs /run
 mkdir -p "$stage"
@@ -102,6 +104,9 @@ for kp in $keeps; do k="${kp%%:*}"; p="${kp#*:}"; mkdir -p "$p"; mount --move "$
 mkdir -p "$ws"; mount --move "$stage/ws" "$ws"
 rmdir "$stage"/k* 2>/dev/null || true; rmdir "$stage/ws" "$stage" 2>/dev/null || true
 mount -o remount,ro,bind /run 2>/dev/null || true
+if [ "$lo" = 1 ]; then
+  ip link set lo up 2>/dev/null || "$PYTHON" -c "$LOOPBACK_UP" || { echo "relayrl sandbox: cannot bring up loopback" >&2; exit 125; }
+fi
 cd "$ws"
 set +e
 # Not exec'd: this shell stays the namespace's init and reports a signalled command as 128 + N.
@@ -112,6 +117,13 @@ else
 fi
 exit $?
 """
+
+# Where ``ip`` is missing: SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP, on ``lo``.
+_LOOPBACK_UP = ("import fcntl, socket, struct\n"
+                "s = socket.socket()\n"
+                "req = fcntl.ioctl(s, 0x8913, struct.pack('16sH22s', b'lo', 0, b''))\n"
+                "flags = struct.unpack('16sH22s', req)[1]\n"
+                "fcntl.ioctl(s, 0x8914, struct.pack('16sH22s', b'lo', flags | 1, b''))\n")
 
 _probe_cache: dict[str, Mode] = {}
 
@@ -218,7 +230,8 @@ class LocalSandbox:
             ns[1:1] = ["--user", "--map-root-user"]
         uid = str(self.uid) if self.mode == "root" else ""
         paths = [f"hide:{p}" for p in self.hidden] + [f"keep:{p}" for p in self.keep]
-        return ns + ["/bin/sh", "-c", _SETUP, "relayrl-sandbox", str(self.workspace), uid, *paths, "--", *rlimits]
+        lo = "1" if lim.loopback and not lim.network else ""
+        return ns + ["/bin/sh", "-c", _SETUP, "relayrl-sandbox", str(self.workspace), uid, lo, *paths, "--", *rlimits]
 
     def _env(self) -> dict[str, str]:
         bindir = str(Path(self.python).parent)
@@ -226,6 +239,7 @@ class LocalSandbox:
             "PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin",
             "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
             "PYTHON": self.python, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+            **({"LOOPBACK_UP": _LOOPBACK_UP} if self.limits.loopback else {}),
         }
 
     async def exec(self, cmd: str, timeout: float | None = None) -> ExecResult:

@@ -66,7 +66,10 @@ class SandboxLimits:
     file a command may write. max_open_files: RLIMIT_NOFILE. timeout_s: wall clock, after which
     the command's whole process group is killed. max_output_bytes: per stream, kept bytes
     (head and tail) of stdout and stderr. network: False = a fresh network namespace with no
-    interfaces but loopback (down).
+    interfaces but loopback (down). loopback: bring that namespace's own loopback up, so the
+    processes of one command can talk to each other over 127.0.0.1 (the black-box proxy's
+    in-sandbox forwarder needs it); the host and other sandboxes stay unreachable, since each
+    command has a namespace of its own.
     """
 
     cpu_seconds: int = 10
@@ -77,6 +80,7 @@ class SandboxLimits:
     timeout_s: float = 30.0
     max_output_bytes: int = 32 << 10
     network: bool = False
+    loopback: bool = False
 
 
 @runtime_checkable

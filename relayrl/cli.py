@@ -1,6 +1,8 @@
 """The ``relayrl`` command.
 
     relayrl train CONFIG.yaml [dotted.key=value ...]     train (resume with run.resume=true)
+    relayrl distill CONFIG.yaml [dotted.key=value ...]   distil the distill.teachers into the student
+    relayrl eval CONFIG.yaml [--student DIR] [k=v ...]  per-domain metrics of the student and each teacher
     relayrl report RUN_DIR                              PNG plots of a run's metrics
     relayrl config show CONFIG.yaml [dotted.key=value]  the validated config, every default filled in
     relayrl convert-model smollm2 [--cache-dir DIR]     convert the bundled SmolLM2 once
@@ -31,6 +33,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from relayrl.rl.driver import train  # heavy (torch, ray): only when training
 
     train(cfg)
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from relayrl.opd.distill import STUDENT_DIR, distill  # heavy (torch, ray): only when distilling
+
+    run_dir = distill(cfg)
+    print(run_dir / STUDENT_DIR)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from relayrl.opd.evaluate import evaluate, format_report, write_report
+
+    report = evaluate(cfg, args.student)
+    print(format_report(report))
+    out = Path(args.out) if args.out else cfg.run.run_dir / "eval.json"
+    print(write_report(report, out))
     return 0
 
 
@@ -126,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("distill", help="on-policy distillation of many teachers into the student")
+    p.add_argument("config", metavar="CONFIG", help="path of a YAML config, e.g. configs/distill_10_experts.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser("eval", help="per-domain metrics of a distilled student and of each teacher")
+    p.add_argument("config", metavar="CONFIG", help="the distillation YAML (its distill.teachers, env and tasks)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    p.add_argument("--student", default=None,
+                   help="the student checkpoint (default: <run_dir>/student if it exists, else model.path)")
+    p.add_argument("--out", default=None, help="the JSON report (default: <run_dir>/eval.json)")
+    p.set_defaults(func=_cmd_eval)
+
     p = sub.add_parser("report", help="write PNG plots of a run's metrics.jsonl")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (<run.output_dir>/<run.name>)")
     p.set_defaults(func=_cmd_report)
@@ -190,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = (
             " The run can be resumed from its last checkpoint with run.resume=true "
-            f"(relayrl train {args.config} run.resume=true)."
-            if args.command == "train"
+            f"(relayrl {args.command} {args.config} run.resume=true)."
+            if args.command in ("train", "distill")
             else ""
         )
         print(f"\nrelayrl {args.command}: interrupted.{hint}", file=sys.stderr)

@@ -84,6 +84,7 @@ class SubTrace:
         result returns (the first token of the observation that carries it); -1 otherwise.
         GAE continues from the child's last action to the parent's first action at or after it
         (``rl/batching.py``).
+    """
 
     tokens: list[int]
     loss_mask: list[int]

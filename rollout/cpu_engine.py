@@ -102,8 +102,9 @@ def truncate_probs(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
     return torch.zeros_like(probs).scatter_(1, order, sorted_p)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row; return (tokens ``[n]`` int64, logprobs ``[n]`` float32).
+def sample_reference(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The simple version of ``sample``: the whole row's CDF in float64. Tests hold ``sample``
+    to it; the engine runs ``sample``.
 
     logits: ``[n, V]``. The logprob is ``log_softmax(logits / T)`` at the sampled token, before
     truncation (greedy rows: T = 1). Sampling inverts the row's CDF at one uniform draw from the
@@ -124,6 +125,52 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
         tokens = tokens.clamp_(max=probs.shape[-1] - 1)
         tokens = torch.where(batch.greedy, logits.argmax(dim=-1), tokens)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+_CDF_BLOCK = 256
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; return (tokens ``[n]`` int64, logprobs ``[n]`` float32).
+
+    The same rule as ``sample_reference`` (one uniform draw per row from the row's own
+    generator, inverted through the row's CDF; the logprob is ``log_softmax(logits / T)`` at the
+    sampled token, before truncation), computed in fewer passes over ``[n, V]``, which at batch
+    32 and a 49k vocabulary cost as much as a tenth of a decode step:
+
+    - no ``log_softmax`` of the whole row: the logprob of the one sampled token is
+      ``z[tok] - max(z) - log(sum(exp(z - max(z))))`` with ``z = logits / T``;
+    - a two-level CDF instead of a float64 cumsum of all V entries: float64 sums of blocks of
+      ``_CDF_BLOCK`` unnormalised probabilities, their cumsum picks the block, and only that
+      block is cumsummed to pick the token. Both CDFs are float64 sums of the same float32
+      terms, so they agree except within rounding (~1e-16 of the row mass) of a boundary.
+    - argmax only where a row is greedy.
+    """
+    z = logits.float() / batch.temperature[:, None]
+    if batch.all_greedy:
+        tokens = z.argmax(dim=-1)
+        return tokens, z.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+    n, v = z.shape
+    zmax = z.amax(dim=-1, keepdim=True)
+    weights = (z - zmax).exp_()  # unnormalised probabilities
+    log_mass = weights.sum(dim=-1, dtype=torch.float64).log().float()
+    if batch.truncate:
+        rows = (batch.top_k < v) | (batch.top_p < 1.0)
+        weights[rows] = truncate_probs(weights[rows] / weights[rows].sum(-1, keepdim=True), batch.top_p[rows], batch.top_k[rows])
+    pad = -v % _CDF_BLOCK
+    blocks = (torch.nn.functional.pad(weights, (0, pad)) if pad else weights).view(n, -1, _CDF_BLOCK)
+    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in batch.generators])
+    target = (u * block_cdf[:, -1])[:, None]
+    b = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)
+    before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = blocks.gather(1, b[:, :, None].expand(n, 1, _CDF_BLOCK)).squeeze(1).double().cumsum(dim=-1) + before
+    j = torch.searchsorted(inner, target, right=True).clamp_(max=_CDF_BLOCK - 1)
+    tokens = (b * _CDF_BLOCK + j).squeeze(1).clamp_(max=v - 1)
+    if bool(batch.greedy.any()):
+        tokens = torch.where(batch.greedy, z.argmax(dim=-1), tokens)
+    logprobs = z.gather(1, tokens[:, None]).squeeze(1) - zmax.squeeze(1) - log_mass
+    return tokens, logprobs
 
 
 def token_logprobs(logits: torch.Tensor, targets: list[int], temperature: float) -> list[float]:

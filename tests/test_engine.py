@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from relayrl.model import make_tiny_model
-from relayrl.rollout.cpu_engine import CpuEngine, SamplingBatch, sample, truncate_probs
+from relayrl.rollout.cpu_engine import CpuEngine, SamplingBatch, sample, sample_reference, truncate_probs
 from relayrl.rollout.engine import Completion, Engine, EngineError, GenerateRequest, SamplingParams
 from relayrl.rollout.llama import LlamaModel, LlamaSpec, read_hf_config
 
@@ -201,6 +201,36 @@ def test_sample_inverts_the_cdf_of_its_own_row():
     tok, lp = sample(logits, batch)
     assert tok.tolist() == [expected]
     assert lp.item() == pytest.approx(torch.tensor([0.1, 0.2, 0.7]).log()[expected].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 37])  # a multiple of the CDF block, not one, smaller than one
+def test_fast_sample_equals_the_reference(vocab):
+    """The two-level CDF picks the same tokens as the whole-row float64 CDF, with the same
+    logprobs, on a mixed batch: temperatures, greedy rows, top-k and top-p rows."""
+    n = 48
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(vocab)) * 4
+    params = []
+    for i in range(n):
+        kind = i % 6
+        params.append(SamplingParams(
+            temperature=[1.0, 0.7, 0.0, 1.3, 1.0, 1.0][kind],
+            top_k=20 if kind == 4 else -1, top_p=0.9 if kind == 5 else 1.0))
+
+    def batch(ps):
+        return SamplingBatch.build(ps, [torch.Generator().manual_seed(1000 + i) for i in range(len(ps))], vocab)
+
+    plain = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_k < 0 and p.top_p == 1.0]
+    cases = [(list(range(n)), params),  # mixed: greedy and truncated rows take their own paths
+             (plain, [params[i] for i in plain]),  # no greedy or truncated row at all
+             ([0, 1, 2, 3], [SamplingParams(temperature=0.0)] * 4)]  # all greedy
+    for rows, ps in cases:
+        fast_tok, fast_lp = sample(logits[rows], batch(ps))
+        ref_tok, ref_lp = sample_reference(logits[rows], batch(ps))
+        assert fast_tok.tolist() == ref_tok.tolist()
+        torch.testing.assert_close(fast_lp, ref_lp, atol=2e-5, rtol=0)
+    # The draws really are spread out (the test would pass trivially if every row took the argmax).
+    tok, _ = sample(logits, batch(params))
+    assert (tok != logits.argmax(-1)).sum() > n // 4
 
 
 def test_logprob_is_before_truncation(engine):

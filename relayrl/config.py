@@ -325,9 +325,25 @@ class OptimConfig(_Section):
     """Linear learning-rate warm-up in optimizer steps."""
 
 
+class MegatronConfig(_Section):
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Tensor-parallel ranks per model replica; trainer.world_size must be a multiple of it
+    (the rest is data parallel). Must divide the model's heads, KV heads and MLP width."""
+    pipeline_parallel_size: int = Field(1, ge=1)
+    """Pipeline stages. Only 1 in this version."""
+    context_parallel_size: int = Field(1, ge=1)
+    """Context-parallel ranks. Only 1 in this version."""
+    pack_sequences: bool = True
+    """Pack a micro-batch's sub-traces into one row with a block-diagonal causal mask (no token
+    attends across two sub-traces) instead of right-padding each to the longest."""
+
+
 class TrainerConfig(_Section):
     backend: Literal["deepspeed", "megatron"] = "deepspeed"
-    """Trainer backend for the policy and the critic."""
+    """Trainer backend for the policy and the critic: ``deepspeed`` (ZeRO; CPU or GPU) or
+    ``megatron`` (megatron-core, tensor parallel; GPUs, needs the ``megatron`` extra)."""
+    megatron: MegatronConfig = MegatronConfig()
+    """Parallel layout of the ``megatron`` backend (ignored by ``deepspeed``)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
     world_size: int = Field(1, ge=1)
@@ -474,6 +490,15 @@ class Config(_Section):
         if self.blackbox.enabled and (self.compaction.enabled or self.subagents.enabled):
             raise ValueError("blackbox.enabled: in black-box mode the harness manages its own context and "
                              "sub-agents; set compaction.enabled=false and subagents.enabled=false")
+        m = self.trainer.megatron
+        if self.trainer.backend == "megatron":
+            for key in ("pipeline_parallel_size", "context_parallel_size"):
+                if getattr(m, key) != 1:
+                    raise ValueError(f"trainer.megatron.{key}: only 1 is supported in this version; "
+                                     "scale with tensor_parallel_size and trainer.world_size")
+            if self.trainer.world_size % m.tensor_parallel_size:
+                raise ValueError(f"trainer.world_size ({self.trainer.world_size}) must be a multiple of "
+                                 f"trainer.megatron.tensor_parallel_size ({m.tensor_parallel_size})")
         if self.engine.kind == "external" and not self.engine.urls:
             raise ValueError("engine.urls: engine.kind=external needs the servers' base URLs")
         if self.rollout.max_context_tokens > self.engine.max_seq_len:

@@ -1,0 +1,563 @@
+"""The Megatron-core ``TrainerBackend``: one rank of a tensor-parallel policy, critic or reference.
+
+It implements ``rl.backend.TrainerBackend`` (read its conventions first) on megatron-core's
+``GPTModel`` built from an HF config (Llama, Mistral, Qwen2 with its qkv bias, Qwen3 with its
+qk-norm; ``rl.megatron_convert`` maps the weights both ways). The driver cannot tell it from the
+DeepSpeed backend: same samples in, same per-token outputs, same ``loss_fn`` out of
+``rl.ppo``, HF safetensors out for the engines.
+
+Parallelism
+-----------
+``world_size`` ranks = ``tensor_parallel_size`` x data-parallel. Megatron's rank order puts the
+TP ranks of one model replica next to each other (global rank ``r`` has TP rank ``r % tp`` and
+DP rank ``r // tp``); the ranks of one TP group see the same samples (``rl.trainer_actor``
+shards by DP rank), their outputs are identical and only TP rank 0 of each replica reports.
+Pipeline and context parallel are not in this version: their sizes are config keys that
+``relayrl.config`` rejects above 1 with a message, rather than silently ignoring them.
+
+Gradients
+---------
+As in ``rl.backend``: the loss is normalised for the whole minibatch, so gradients are summed
+over micro-batches (plain accumulation in ``.grad``) and over DP ranks (one all-reduce SUM over
+the DP group per step). TP-sharded weights hold disjoint slices; replicated ones (norms, the
+value head) get identical gradients on every TP rank. The global gradient norm counts each
+sharded slice once per TP rank and each replicated weight once.
+
+Sequences
+---------
+A micro-batch (planned by ``deepspeed_backend.plan_micro_batches``, the same plan as DeepSpeed)
+is either right-padded rows (``pack_sequences=False``) or packed into one row
+(``pack_sequences=True``) with a block-diagonal causal mask, so no token attends across two
+sub-traces. RoPE scores depend only on the distance between query and key, so a sequence
+packed at offset o gives the same result as at offset 0 (up to float rounding; the equivalence
+is tested). Logits are gathered over TP and cut to the true vocabulary before any softmax; the
+log-probabilities come from ``deepspeed_backend.token_logprobs_and_entropy``, the same kernel.
+
+Devices
+-------
+On GPUs it runs megatron-core unmodified (NCCL). On a CPU, megatron-core needs two shims
+(``tests/support/megatron_cpu.py``) that relayrl does not ship in its product path; without
+them this backend refuses to start with a message saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from relayrl.config import OptimConfig, TrainerConfig
+from relayrl.rl import distributed
+from relayrl.rl.backend import LossFn, MicroBatch, Role, Sample
+from relayrl.rl.deepspeed_backend import (
+    _as_dtype,
+    _fsync_dir,
+    _fsync_tree,
+    _rng_state,
+    _set_rng_state,
+    _warmup_factor,
+    collate,
+    plan_micro_batches,
+    token_logprobs_and_entropy,
+)
+from relayrl.rl.megatron_convert import VALUE_HEAD, ArchSpec, arch_from_hf_config, hf_to_megatron, megatron_to_hf
+
+CHECKPOINT_FORMAT = 1
+_META = "relayrl_backend.json"
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def causal_mask(lengths: list[int], T: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Megatron's attention mask for right-padded rows: (b, 1, T, T) bool, True = masked.
+
+    Query i of row j may see key k iff k <= i and k < lengths[j].
+    """
+    i = torch.arange(T, device=device)
+    future = i[None, :] > i[:, None]  # (T, T): key after query
+    pad = i[None, :] >= torch.tensor(lengths, device=device)[:, None]  # (b, T): padded key
+    return (future[None] | pad[:, None, :])[:, None]
+
+
+def packed_mask(lengths: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Block-diagonal causal mask of sequences packed into one row: (1, 1, S, S) bool, True = masked.
+
+    S = sum(lengths). Query i may see key k iff both lie in the same sequence and k <= i.
+    """
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    S = int(seq.shape[0])
+    i = torch.arange(S, device=device)
+    allowed = (seq[:, None] == seq[None, :]) & (i[None, :] <= i[:, None])
+    return (~allowed)[None, None]
+
+
+def pack_index(lengths: list[int], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices that move a packed row (S,) to padded rows (b, T) and back.
+
+    Returns:
+        flat_padded: (S,) positions ``j * T + t`` in the flattened (b*T) padded layout, one per
+            packed token, in packing order.
+        flat_packed: the same tokens' positions in the packed row, i.e. ``arange(S)``.
+    """
+    rows = [torch.arange(n) + j * T for j, n in enumerate(lengths)]
+    flat_padded = torch.cat(rows)
+    return flat_padded, torch.arange(flat_padded.shape[0])
+
+
+def _require_device() -> None:
+    if torch.cuda.is_available():
+        return
+    try:
+        torch.cuda.current_device()
+    except (AssertionError, RuntimeError):
+        raise RuntimeError(
+            "trainer.backend=megatron needs CUDA GPUs: megatron-core places tensors with "
+            "torch.cuda.current_device(). On a CPU use trainer.backend=deepspeed (the tests run "
+            "megatron-core on CPU through the shims in tests/support/megatron_cpu.py)."
+        ) from None
+
+
+class ValueHead(torch.nn.Module):
+    """The critic's scalar head in place of GPTModel's output layer: ``Linear(h, 1)``, replicated
+    over TP. Called like a Megatron linear (``(x, weight=None, runtime_gather_output=None)`` ->
+    ``(out, bias)``), so GPTModel's post-processing runs unchanged and returns (b, s, 1)."""
+
+    def __init__(self, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.sequence_parallel = False
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: Any = None):
+        return torch.nn.functional.linear(x, self.weight, self.bias), None
+
+
+def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role) -> torch.nn.Module:
+    """megatron-core's GPTModel for ``spec`` (local layer spec; parallel state initialised)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        tensor_model_parallel_size=tp,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=True,
+        # Fusions are CUDA kernels (or TE); the unfused paths are exact and run anywhere.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    tie = spec.tie_word_embeddings and role != "critic"
+    model = GPTModel(
+        config,
+        get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm),
+        vocab_size=spec.padded_vocab(tp),
+        max_sequence_length=spec.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
+        share_embeddings_and_output_weights=tie,
+        parallel_output=False,  # gather logits over TP; they are cut to the true vocabulary next
+    )
+    if role == "critic":
+        model.output_layer = ValueHead(spec.hidden_size, dtype)
+    return model
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+class MegatronBackend:
+    """One rank of a Megatron-core policy, critic, or frozen reference.
+
+    Args: as ``DeepSpeedBackend`` (role, model_path, trainer_cfg, optim_cfg, dtype, rank,
+    world_size, seed); parallel sizes come from ``trainer_cfg.megatron``.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        model_path: str | os.PathLike[str],
+        trainer_cfg: TrainerConfig,
+        optim_cfg: OptimConfig | None = None,
+        dtype: str | torch.dtype = "float32",
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        from transformers import AutoConfig
+
+        if role not in ("policy", "critic", "reference"):
+            raise ValueError(f"role: {role!r} is not one of policy, critic, reference")
+        _require_device()
+        self.role: Role = role
+        self.model_path = str(model_path)
+        self.trainer_cfg = trainer_cfg
+        self.optim_cfg = optim_cfg or (trainer_cfg.critic if role == "critic" else trainer_cfg.policy)
+        self.dtype = _as_dtype(dtype)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.tp = trainer_cfg.megatron.tensor_parallel_size
+        if world_size % self.tp:
+            raise ValueError(f"trainer.world_size={world_size} is not a multiple of "
+                             f"trainer.megatron.tensor_parallel_size={self.tp}")
+        self.global_step = 0
+
+        self.hf_config = AutoConfig.from_pretrained(self.model_path)
+        self.spec = arch_from_hf_config(self.hf_config)
+        distributed.init_distributed(rank, world_size)
+        self._init_parallel_state()
+        self.device = distributed.device()
+
+        torch.manual_seed(seed)
+        self.model = build_gpt_model(self.spec, self.tp, self.dtype, role).to(self.device)
+        self._load_hf(self.model_path)
+        self.model.eval()
+        self.optimizer = self.scheduler = None
+        if role == "reference":
+            self.model.requires_grad_(False)
+        else:
+            o = self.optim_cfg
+            self.optimizer = torch.optim.AdamW(
+                [p for p in self.model.parameters() if p.requires_grad],
+                lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, foreach=False,
+            )
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_factor(o.warmup_steps))
+
+    # -- construction
+
+    def _init_parallel_state(self) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        if ps.model_parallel_is_initialized():
+            if ps.get_tensor_model_parallel_world_size() != self.tp:
+                raise ValueError("two megatron backends in one process must use the same tensor_parallel_size")
+        else:
+            ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=1)
+            tensor_parallel.model_parallel_cuda_manual_seed(self.seed)
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+
+    def _hf_state(self, path: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.safetensors files (the megatron backend reads HF safetensors)")
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(f))
+        if self.role != "critic" and "lm_head.weight" not in state and self.spec.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        if self.role == "critic" and "score.weight" not in state:
+            # A causal-LM checkpoint: a fresh head, drawn like the HF critic's (normal(0,
+            # initializer_range), zero bias) from torch's RNG seeded with ``seed``.
+            g = torch.Generator().manual_seed(self.seed)
+            std = float(getattr(self.hf_config, "initializer_range", 0.02))
+            state["score.weight"] = torch.randn(1, self.spec.hidden_size, generator=g) * std
+            state["score.bias"] = torch.zeros(1)
+        return state
+
+    def _load_hf(self, path: str) -> None:
+        shard = hf_to_megatron(self._hf_state(path), self.spec, self.tp, self.tp_rank, role=self.role)
+        if self.role == "critic":
+            shard = {k.replace(f"{VALUE_HEAD}.", "output_layer."): v for k, v in shard.items()}
+        own = {k for k in self.model.state_dict() if not k.endswith("_extra_state")}
+        if set(shard) != own:
+            raise RuntimeError(f"weight names differ from the model's: missing {sorted(own - set(shard))[:5]}, "
+                               f"unexpected {sorted(set(shard) - own)[:5]}")
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for k, v in shard.items():
+                params[k].copy_(v.to(params[k].dtype))
+
+    # -- micro-batches
+
+    def _plan(self, samples: list[Sample]) -> list[list[int]]:
+        lengths = [int(s["tokens"].shape[0]) for s in samples]
+        if any(n < 1 for n in lengths):
+            raise ValueError("a sample has an empty 'tokens' tensor; every sample needs at least one token")
+        return plan_micro_batches(lengths, self.trainer_cfg.micro_batch_size, self.trainer_cfg.max_tokens_per_micro_batch)
+
+    def _model_out(self, mb: MicroBatch) -> torch.Tensor:
+        """(b, T, k) outputs in the padded layout: logits over the true vocabulary, or values (k=1)."""
+        tokens = mb["tokens"]
+        b, T = tokens.shape
+        lengths = mb["attention_mask"].sum(-1).tolist()
+        if self.trainer_cfg.megatron.pack_sequences and b > 1:
+            to_padded, _ = pack_index(lengths, T)
+            to_padded = to_padded.to(tokens.device)
+            row = tokens.reshape(-1)[to_padded][None]
+            S = row.shape[1]
+            pos = torch.arange(S, device=tokens.device)[None]
+            out = self.model(row, pos, attention_mask=packed_mask(lengths, tokens.device))[0]  # (S, k)
+            out = out[:, : self._width()]
+            padded = out.new_zeros(b * T, out.shape[-1]).index_copy(0, to_padded, out)
+            return padded.reshape(b, T, -1)
+        pos = torch.arange(T, device=tokens.device)[None].expand(b, T)
+        out = self.model(tokens, pos, attention_mask=causal_mask(lengths, T, tokens.device))
+        return out[..., : self._width()]
+
+    def _width(self) -> int:
+        return 1 if self.role == "critic" else self.spec.vocab_size
+
+    def _forward(self, mb: MicroBatch, temperature: float) -> dict[str, torch.Tensor]:
+        m = mb["attention_mask"]
+        out = self._model_out(mb)
+        if self.role == "critic":
+            return {"values": out.squeeze(-1).float() * m.float()}
+        logprobs, entropy = token_logprobs_and_entropy(out, mb["tokens"], temperature)
+        mf = m.to(logprobs.dtype)
+        return {"logprobs": logprobs * mf, "entropy": entropy * mf}
+
+    def _forward_each(self, samples: list[Sample], key: str, temperature: float) -> list[torch.Tensor]:
+        plan = self._plan(samples) if samples else []
+        out: list[torch.Tensor | None] = [None] * len(samples)
+        self.model.eval()
+        with torch.no_grad():
+            for idx in plan:
+                mb = collate([samples[i] for i in idx], self.device)
+                values = self._forward(mb, temperature)[key].cpu()
+                for j, i in enumerate(idx):
+                    out[i] = values[j, : samples[i]["tokens"].shape[0]].clone()
+        return out  # type: ignore[return-value]
+
+    # -- the protocol
+
+    @property
+    def reports(self) -> bool:
+        """Whether this rank's outputs and metrics are its replica's (TP rank 0)."""
+        return self.tp_rank == 0
+
+    def forward_logprobs(self, samples: list[Sample], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per sample, (t,) fp32 ``log p(tokens[i] | tokens[:i])`` at ``temperature`` (position 0: 0.0). No grad."""
+        if self.role == "critic":
+            raise ValueError("forward_logprobs: this backend is a critic; it has values, not log-probabilities")
+        return self._forward_each(samples, "logprobs", temperature)
+
+    def forward_values(self, samples: list[Sample]) -> list[torch.Tensor]:
+        """Per sample, (t,) fp32 critic values ``V(tokens[:i+1])``. No grad."""
+        if self.role != "critic":
+            raise ValueError(f"forward_values: this backend is a {self.role}; values come from the critic")
+        return self._forward_each(samples, "values", 1.0)
+
+    def train_step(self, samples: list[Sample], loss_fn: LossFn, temperature: float = 1.0) -> dict[str, float]:
+        """One optimizer step over this rank's ``samples`` (its DP shard), as ``DeepSpeedBackend.train_step``."""
+        if self.role == "reference":
+            raise ValueError("train_step: the reference model is frozen")
+        plan = self._plan(samples) if samples else []
+        if distributed.all_reduce_max(len(plan)) == 0:
+            raise ValueError("train_step: no samples on any rank")
+        assert self.optimizer is not None and self.scheduler is not None
+        sums: dict[str, float] = defaultdict(float)
+        loss_sum = 0.0
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        for idx in plan:
+            mb = collate([samples[i] for i in idx], self.device)
+            loss, metrics = loss_fn(self._forward(mb, temperature), mb)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            for name, value in metrics.items():
+                sums[name] += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        self._reduce_grads()
+        grad_norm = self._grad_norm()
+        clip = self.optim_cfg.grad_clip
+        if clip is not None and grad_norm > clip:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(clip / (grad_norm + 1e-6))
+        lr = float(self.scheduler.get_last_lr()[0])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.model.eval()
+        self.global_step += 1
+        out = dict(sums)
+        out.setdefault("loss", loss_sum)
+        out.update(num_micro_batches=float(len(plan)), grad_norm=grad_norm, lr=lr)
+        return out
+
+    def _reduce_grads(self) -> None:
+        if dist.get_world_size(self.dp_group) == 1:
+            return
+        for p in self.model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.dp_group)
+
+    def _grad_norm(self) -> float:
+        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
+        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.model.parameters():
+            if p.grad is None:
+                continue
+            sq = p.grad.detach().double().pow(2).sum()
+            if getattr(p, "tensor_model_parallel", False):
+                sharded += sq
+            else:
+                replicated += sq
+        if self.tp > 1:
+            dist.all_reduce(sharded, op=dist.ReduceOp.SUM, group=self.tp_group)
+        return float((sharded + replicated).sqrt())
+
+    def _megatron_state(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+                 if not k.endswith("_extra_state")}
+        if self.role == "critic":
+            state = {k.replace("output_layer.", f"{VALUE_HEAD}."): v for k, v in state.items()}
+        return state
+
+    def state_dict_for_engine(self, on_this_rank: bool = True) -> dict[str, torch.Tensor]:
+        """Full weights under HF names, CPU tensors, on global rank 0 (``{}`` elsewhere).
+
+        The ranks of DP replica 0 take part (TP shards are gathered to its TP rank 0); the
+        other replicas return at once. Tied models share one tensor for embed/lm_head.
+        """
+        if self.dp_rank != 0:
+            return {}
+        local = self._megatron_state()
+        if self.tp == 1:
+            shards = [local]
+        else:
+            shards = [None] * self.tp if self.tp_rank == 0 else None
+            dst = dist.get_global_rank(self.tp_group, 0)
+            dist.gather_object(local, shards, dst=dst, group=self.tp_group)
+        if self.tp_rank != 0 or not on_this_rank:
+            return {}
+        hf = megatron_to_hf(shards, self.spec, role=self.role)  # type: ignore[arg-type]
+        return {k: hf[k] for k in sorted(hf)}
+
+    def export_hf(self, path: str | os.PathLike[str]) -> None:
+        """Write an HF checkpoint directory (config, safetensors, tokenizer); all ranks call it,
+        global rank 0 writes into a temporary sibling and renames it to ``path``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        state = self.state_dict_for_engine()
+        if self.rank == 0:
+            tmp = path.with_name(f".{path.name}.partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            if self.spec.tie_word_embeddings and self.role != "critic":
+                state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
+            self._hf_out_config().save_pretrained(tmp)
+            self._copy_tokenizer(tmp)
+            _fsync_tree(tmp)
+            old = path.with_name(f".{path.name}.old")
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+
+    def _hf_out_config(self):
+        import copy
+
+        cfg = copy.deepcopy(self.hf_config)
+        if self.role == "critic":
+            arch = type(cfg).__name__.replace("Config", "ForTokenClassification")
+            cfg.architectures = [arch]
+            cfg.num_labels = 1
+            cfg.id2label, cfg.label2id = {0: "value"}, {"value": 0}
+        cfg.dtype = str(self.dtype).removeprefix("torch.")
+        return cfg
+
+    def _copy_tokenizer(self, out: Path) -> None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                     "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json"):
+            src = Path(self.model_path) / name
+            if src.is_file():
+                shutil.copy2(src, out / name)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Weights (per-rank Megatron shards and an ``hf/`` export), optimizer, scheduler, RNG and
+        step counter under ``path``, written into ``.<name>.partial`` and renamed when complete
+        (as ``DeepSpeedBackend.save``). All ranks call it."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"save: {path} already exists and is not an empty directory; save into a fresh path")
+        tmp = path.with_name(f".{path.name}.partial")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        blob: dict[str, Any] = {"model": self._megatron_state(), "rng": _rng_state()}
+        if self.optimizer is not None:
+            blob["optimizer"] = self.optimizer.state_dict()
+            blob["scheduler"] = self.scheduler.state_dict()
+        torch.save(blob, tmp / f"rank{self.rank}.pt")
+        self.export_hf(tmp / "hf")
+        distributed.barrier()
+        if self.rank == 0:
+            meta = {"format": CHECKPOINT_FORMAT, "backend": "megatron", "role": self.role,
+                    "global_step": self.global_step, "world_size": self.world_size,
+                    "tensor_parallel_size": self.tp, "dtype": str(self.dtype).removeprefix("torch.")}
+            (tmp / _META).write_text(json.dumps(meta, indent=1))
+            _fsync_tree(tmp)
+            if path.exists():
+                path.rmdir()
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        distributed.barrier()
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Restore everything ``save`` wrote (same role, world size and TP size)."""
+        path = Path(path)
+        meta_file = path / _META
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"load: {path} is not a complete backend checkpoint (no {_META})")
+        meta = json.loads(meta_file.read_text())
+        for key, mine in (("backend", "megatron"), ("role", self.role), ("world_size", self.world_size),
+                          ("tensor_parallel_size", self.tp)):
+            if meta.get(key) != mine:
+                raise ValueError(f"load: {path} was saved with {key}={meta.get(key)!r}, this backend has {key}={mine!r}")
+        blob = torch.load(path / f"rank{self.rank}.pt", weights_only=False)
+        state = blob["model"]
+        if self.role == "critic":
+            state = {k.replace(f"{VALUE_HEAD}.", "output_layer."): v for k, v in state.items()}
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for k, v in state.items():
+                params[k].copy_(v)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(blob["optimizer"])
+            self.scheduler.load_state_dict(blob["scheduler"])
+        _set_rng_state(blob["rng"])
+        self.global_step = int(meta["global_step"])
+        self.model.eval()
+
+    def close(self) -> None:
+        del self.model, self.optimizer

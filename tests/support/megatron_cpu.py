@@ -1,0 +1,67 @@
+"""Two shims that let megatron-core 0.16 run its GPT model on a CPU, for tests only.
+
+megatron-core assumes CUDA in two places that the CPU tests reach:
+
+1. ``torch.cuda.current_device()`` is called to place tensors (the rotary embedding's
+   ``inv_freq``, the ``GlobalMemoryBuffer`` that tensor-parallel layers gather into). On a CPU
+   build of torch it raises "Torch not compiled with CUDA enabled". The shim makes it return
+   the CPU device, so those tensors land where the model already is.
+2. ``CudaRNGStatesTracker.fork`` (entered by core attention around its dropout, and by
+   tensor-parallel weight init) swaps CUDA generator states, and ``add`` seeds one. The shim
+   keeps the tracker's named states as *CPU* generator states instead: ``add(name, seed)``
+   records the CPU state seeded with ``seed``, ``fork(name)`` swaps it in and out, exactly as
+   the CUDA version does for CUDA states.
+
+Nothing here is imported by relayrl itself: the product path (``rl/megatron_backend.py``)
+runs megatron-core unmodified on GPUs. ``install()`` is idempotent and process-wide, which is
+why only test processes (and the CPU benchmark) call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_installed = False
+
+
+def install() -> None:
+    """Patch ``torch.cuda.current_device`` and megatron's CUDA RNG tracker for CPU (idempotent)."""
+    global _installed
+    if _installed or torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+
+    def add(self, name, seed):
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"cpu rng state {name} already exists")
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"cpu rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+    def get_states(self):
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    mrandom.CudaRNGStatesTracker.add = add
+    mrandom.CudaRNGStatesTracker.fork = fork
+    mrandom.CudaRNGStatesTracker.get_states = get_states
+    _installed = True

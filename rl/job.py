@@ -72,6 +72,21 @@ def rollout_metrics(groups: list[list[Trajectory]], subs: list[SubTrace]) -> dic
     return out
 
 
+def check_megatron_available() -> None:
+    """trainer.backend=megatron: megatron-core installed and a device it can run on, or a ConfigError."""
+    import importlib.util
+
+    if importlib.util.find_spec("megatron.core") is None:
+        raise ConfigError("trainer.backend: 'megatron' needs megatron-core; install the extra with "
+                          "pip install -c constraints.txt 'relayrl[megatron]' (or use trainer.backend=deepspeed)")
+    from .megatron_backend import _require_device
+
+    try:
+        _require_device()
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+
+
 def preflight_env(env: Any) -> None:
     """Run the env's optional ``preflight()`` (does its sandbox work, is it isolated?) before
     anything expensive starts: a problem is a ConfigError, a warning is printed loudly."""
@@ -150,6 +165,13 @@ class Job:
         self.env_factory = make_env_factory(self.cfg.env)
         make_parser(self.cfg.rollout.parser)
         make_compactor(self.cfg.compaction)
+        if self.cfg.blackbox.enabled:
+            from relayrl.rollout.blackbox import check_blackbox_config
+
+            try:
+                check_blackbox_config(self.cfg.blackbox)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.cfg.antihack.enabled:
             from relayrl.antihack import RulePackError, make_rule_stage
 
@@ -164,8 +186,8 @@ class Job:
                               f"{self.cfg.env.kwargs}: {e}. Fix env.kwargs.") from None
         self.tasks = load_tasks(self.cfg.env, type(env), self.cfg.run.seed)
         preflight_env(env)
-        if self.cfg.trainer.backend != "deepspeed":
-            raise ConfigError("trainer.backend: only 'deepspeed' is available in this version")
+        if self.cfg.trainer.backend == "megatron":
+            check_megatron_available()
         if self.cfg.engine.kind == "sglang":
             raise ConfigError("engine.kind: 'sglang' engines need GPUs and the sglang extra; "
                               "use engine.kind=cpu here or engine.kind=external with engine.urls")
@@ -208,7 +230,7 @@ class Job:
         self.workers = [
             RolloutWorkerActor.options(num_cpus=0).remote(
                 cfg.rollout, cfg.env, self.model_path, urls, self.buffer, cfg.engine.request_timeout_s,
-                cfg.compaction, cfg.antihack)
+                cfg.compaction, cfg.antihack, cfg.blackbox, cfg.subagents)
             for _ in range(cfg.rollout.num_workers)
         ]
 

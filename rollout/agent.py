@@ -35,6 +35,8 @@ from .chat import ChatFormat
 from .compaction import Compactor
 from .engine import Engine, EngineError, GenerateRequest, SamplingParams
 
+SPAWN_TOOL_NAME = "spawn_subagent"  # rollout/subagent.py owns the tool; the name is all the loop needs
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ class _Segment:
     events: list[Event] = field(default_factory=list)
     weight_version: int | None = None
     turns: int = 0
+    kind: str = "turns"
 
 
 def _sampling(limits: AgentLimits, chat: ChatFormat, budget: int, seed: int | None) -> SamplingParams:
@@ -127,11 +130,18 @@ async def run_episode(
     compactor: Compactor | None = None,
     on_event: Callable[[Event], None] | None = None,
     gate: Any = None,
+    spawner: Any = None,
 ) -> Trajectory:
     """Run one episode to its end and return its trajectory: one sub-trace per context window
-    (more than one only when ``compactor`` compacts)."""
+    (more than one when ``compactor`` compacts, or when ``spawner``, a
+    ``rollout.subagent.SpawnerFactory``, runs sub-agents: each child is a sub-trace too)."""
     started = asyncio.get_running_loop().time()
     reset = await call_env(env.reset(job.task), "reset", limits.env_call_timeout_s)
+    kids = None
+    if spawner is not None:
+        kids = spawner.for_episode(job, env, engine, gate)
+        kids.env_tools = list(reset.tools)
+        reset.tools = kids.tools(reset.tools, 0)
     tools = reset.tools or None
     start = chat.with_tool_instructions(list(reset.messages), reset.tools)
     messages = list(start)
@@ -171,13 +181,17 @@ async def run_episode(
         else:
             assert isinstance(action, ToolCall)
             verdict = None
-            if gate is not None:
-                verdict = await gate_call(gate, action, task_text, messages, gate_counts, gate_s, seg, turn)
-            if verdict is not None and verdict.blocked:
-                observation, done = render_dummy(env, action, verdict.dummy), False
+            if kids is not None and action.name == SPAWN_TOOL_NAME:  # a child runs; its answer returns
+                observation = await kids.spawn(action, ("main", len(segments) - 1), len(seg.ctx.tokens), 1)
+                done = kids.env_done
             else:
-                result = await call_env(env.step(action), "step", limits.env_call_timeout_s)
-                observation, done = result.observation, result.done
+                if gate is not None:
+                    verdict = await gate_call(gate, action, task_text, messages, gate_counts, gate_s, seg, turn)
+                if verdict is not None and verdict.blocked:
+                    observation, done = render_dummy(env, action, verdict.dummy), False
+                else:
+                    result = await call_env(env.step(action), "step", limits.env_call_timeout_s)
+                    observation, done = result.observation, result.done
         if done:
             terminal = True
             break
@@ -207,7 +221,7 @@ async def run_episode(
             seg.events.append(Event("compaction", turn, {
                 "segment": len(segments) - 1, "context_tokens": len(seg.ctx.tokens),
                 "summary_tokens": len(summary.output_ids)}))
-            seg = _Segment()
+            seg = _Segment(kind="compaction")
             seg.ctx.extend(chat.prompt_ids(messages, tools), 0)
             segments.append(seg)
             continue
@@ -221,29 +235,55 @@ async def run_episode(
 
     score = await call_env(env.score(), "score", limits.env_call_timeout_s)
     if on_event is not None:
-        for e in (e for sg in segments for e in sg.events):
+        for e in (e for sg in [ch.seg for ch in (kids.children if kids else [])] + segments for e in sg.events):
             on_event(e)
-    n = len(segments)
+    children = kids.children if kids is not None else []
+    c = len(children)
+    n = c + len(segments)
     subs = [
+        SubTrace(
+            tokens=ch.seg.ctx.tokens,
+            loss_mask=ch.seg.ctx.loss_mask,
+            rollout_logprobs=ch.seg.ctx.logprobs,
+            reward=0.0,
+            trajectory_id=job.trajectory_id,
+            segment=i,
+            num_segments=n,
+            terminal=False,
+            domain=task_domain(job.task),
+            weight_version=ch.seg.weight_version or 0,
+            group_id=job.group_id,
+            task_index=job.task_index,
+            events=ch.seg.events,
+            kind="subagent",
+            parent_segment=kids.segment_of(ch.parent),
+            parent_position=ch.position,
+        )
+        for i, ch in enumerate(children)
+    ] + [
         SubTrace(
             tokens=sg.ctx.tokens,
             loss_mask=sg.ctx.loss_mask,
             rollout_logprobs=sg.ctx.logprobs,
-            reward=float(score.reward) if i == n - 1 else 0.0,
+            reward=float(score.reward) if c + i == n - 1 else 0.0,
             trajectory_id=job.trajectory_id,
-            segment=i,
+            segment=c + i,
             num_segments=n,
-            terminal=terminal and i == n - 1,
+            terminal=terminal and c + i == n - 1,
             domain=task_domain(job.task),
             weight_version=sg.weight_version or 0,
             group_id=job.group_id,
             task_index=job.task_index,
             events=sg.events,
+            kind=sg.kind,
         )
         for i, sg in enumerate(segments)
     ]
+    kinds = [s.kind for s in subs]
     metrics = {"turns": float(sum(sg.turns for sg in segments)), "response_tokens": float(gen_tokens),
-               "segments": float(n), "truncated": float(not terminal),
+               "segments": float(len(segments)), "truncated": float(not terminal),
+               **{f"subtraces/{k}": float(kinds.count(k)) for k in ("turns", "compaction", "subagent")},
+               **(kids.metrics() if kids is not None else {}),
                # time/ metrics vary run to run; they are averaged as they are, not as rollout/
                "time/episode_s": asyncio.get_running_loop().time() - started,
                **({f"antihack_{k}": v for k, v in gate_counts.items()} | {"time/antihack_gate_s": gate_s[0]}
@@ -292,17 +332,24 @@ def summary_seed(base: int | None, segment: int) -> int | None:
 async def run_episode_with_retries(job: EpisodeJob, make_env: Callable[[], Env], engine: Engine,
                                    chat: ChatFormat, parser: Any, limits: AgentLimits,
                                    max_retries: int, compactor: Compactor | None = None,
-                                   gate: Any = None) -> Trajectory:
+                                   gate: Any = None,
+                                   runner: Callable[[EpisodeJob, Env], Awaitable[Trajectory]] | None = None,
+                                   spawner: Any = None) -> Trajectory:
     """``run_episode`` that never raises: a dead engine or sandbox is retried up to
     ``max_retries`` times with a fresh env; an env timeout or an env bug fails the episode at
     once. A failed episode comes back as a ``Trajectory`` with ``failed=True``, its error and
     ``failure_kind`` (``engine``, ``sandbox``, ``env_timeout``, ``env_error``), so the run goes on
-    and the count reaches the metrics."""
+    and the count reaches the metrics.
+
+    runner: the episode itself, ``runner(job, env)``; None = the white-box ``run_episode`` (the
+    worker passes the black-box runner, ``rollout/blackbox.py``, when ``blackbox.enabled``)."""
     kind = error = ""
     for _ in range(max_retries + 1):
         env = make_env()
         try:
-            return await run_episode(job, env, engine, chat, parser, limits, compactor, gate=gate)
+            if runner is not None:
+                return await runner(job, env)
+            return await run_episode(job, env, engine, chat, parser, limits, compactor, gate=gate, spawner=spawner)
         except EngineError as e:
             kind, error = "engine", str(e)
         except SandboxError as e:

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from relayrl.config import AntihackConfig, CompactionConfig, EnvConfig, RolloutConfig
+from relayrl.config import AntihackConfig, BlackboxConfig, CompactionConfig, EnvConfig, RolloutConfig, SubagentConfig
 from relayrl.registry import envs, parsers
 from relayrl.types import Trajectory
 
@@ -48,7 +48,9 @@ class RolloutWorker:
     def __init__(self, rollout_cfg: RolloutConfig, env_cfg: EnvConfig, tokenizer_path: str,
                  engine_urls: list[str], buffer: Any, request_timeout_s: float,
                  compaction_cfg: CompactionConfig | None = None,
-                 antihack_cfg: AntihackConfig | None = None) -> None:
+                 antihack_cfg: AntihackConfig | None = None,
+                 blackbox_cfg: BlackboxConfig | None = None,
+                 subagent_cfg: SubagentConfig | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.cfg = rollout_cfg
@@ -72,11 +74,31 @@ class RolloutWorker:
             env_call_timeout_s=env_cfg.call_timeout_s,
         )
         self._sem = asyncio.Semaphore(rollout_cfg.episodes_per_worker)
+        self.runner = None
+        if blackbox_cfg is not None and blackbox_cfg.enabled:
+            self.runner = self._blackbox_runner(blackbox_cfg)
+        self.spawner = None
+        if subagent_cfg is not None and subagent_cfg.enabled:
+            from .subagent import SpawnerFactory
+
+            self.spawner = SpawnerFactory(subagent_cfg, self.limits, self.chat, self.parser)
+
+    def _blackbox_runner(self, cfg: BlackboxConfig):
+        from relayrl.envs.coding import make_sandbox_provider
+
+        from .blackbox import run_blackbox_episode, sandbox_spec
+
+        provider = make_sandbox_provider(sandbox_spec(cfg))
+
+        async def run(job: EpisodeJob, env: Any) -> Trajectory:
+            return await run_blackbox_episode(job, env, self.engine, self.chat, self.parser, self.limits, cfg,
+                                              provider, gate=self.gate)
+        return run
 
     async def _episode(self, job: EpisodeJob) -> Trajectory:
         return await run_episode_with_retries(job, self.env_factory, self.engine, self.chat, self.parser,
                                               self.limits, self.cfg.max_episode_retries, self.compactor,
-                                              gate=self.gate)
+                                              gate=self.gate, runner=self.runner, spawner=self.spawner)
 
     async def _run_one(self, job: EpisodeJob) -> str:
         async with self._sem:

@@ -30,6 +30,15 @@ bootstraps and carries the advantage. The *last* sub-trace of an episode that a 
   and whose cap is a budget of the trainer, not part of the task (Pardo et al.'s partial-episode
   bootstrapping).
 
+Sub-agents (``rollout/subagent.py``; black-box contexts the proxy takes for sub-agents): a
+child trace (``parent_segment >= 0``) continues at its parent. Its last action bootstraps from
+the value of the parent's first action at or after ``parent_position`` (where the child's
+answer returns and the parent acts next) and carries that action's advantage in, so the
+child's advantages are those it would have had spliced into the parent's sequence right there;
+where the parent takes no action after that point, the parent's own continuation passes through
+(its next segment's first action, or the end of the episode). The parent's recursion does not
+pass through its children. Children are numbered before the main chain.
+
 The actor's lambda may be length-adaptive (VAPO, ``algorithm.lam_actor_adaptive_alpha``): one
 lambda per trajectory from its action tokens over all sub-traces, so that the cut and uncut
 trajectories still have the same advantages.
@@ -43,7 +52,7 @@ import math
 import torch
 
 from relayrl.config import AlgorithmConfig
-from relayrl.critic.gae import first_action_value, gae, gae_reference, length_adaptive_lambda
+from relayrl.critic.gae import gae, gae_reference, length_adaptive_lambda
 from relayrl.rl.advantages import group_relative_advantages, masked_whiten
 from relayrl.rl.losses import gradient_shares
 from relayrl.types import SubTrace, Trajectory
@@ -58,7 +67,8 @@ def flatten(groups: list[list[Trajectory]]) -> list[SubTrace]:
     practice is an empty *last* sub-trace (a compaction on the last allowed turn, then the turn
     cap ends the episode in the fresh context), and it holds the reward: then the kept
     sub-traces are renumbered 0..k-1 and the new last one takes the episode's reward and
-    ``terminal`` flag, so the reward still reaches GAE (and GRPO).
+    ``terminal`` flag, so the reward still reaches GAE (and GRPO). Parent links follow the
+    renumbering; a child trace whose parent was dropped is dropped too.
     """
     out: list[SubTrace] = []
     for t in (t for g in groups for t in g if not t.failed):
@@ -66,10 +76,21 @@ def flatten(groups: list[list[Trajectory]]) -> list[SubTrace]:
         if len(kept) == len(t.sub_traces) or not kept:
             out += kept
             continue
+        # A child whose parent was dropped (an untrained sub-agent's child) goes with it.
+        alive = {s.segment for s in kept}
+        while True:
+            orphans = {s.segment for s in kept if s.segment in alive and s.parent_segment >= 0
+                       and s.parent_segment not in alive}
+            if not orphans:
+                break
+            alive -= orphans
+        kept = [s for s in kept if s.segment in alive]
+        renumber = {s.segment: i for i, s in enumerate(kept)}
         last = t.sub_traces[-1]
         out += [dataclasses.replace(s, segment=i, num_segments=len(kept),
                                     reward=last.reward if i == len(kept) - 1 else 0.0,
-                                    terminal=last.terminal if i == len(kept) - 1 else False)
+                                    terminal=last.terminal if i == len(kept) - 1 else False,
+                                    parent_segment=renumber[s.parent_segment] if s.parent_segment >= 0 else -1)
                 for i, s in enumerate(kept)]
     return out
 
@@ -116,6 +137,55 @@ def next_segment_rows(subs: list[SubTrace]) -> torch.Tensor:
     return torch.tensor([row_of.get((s.trajectory_id, s.segment + 1), -1) for s in subs], dtype=torch.long)
 
 
+def continuation_rows(subs: list[SubTrace]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row's recursion continues after its last action: (row, position), both (b,).
+
+    A main-chain sub-trace continues at position 0 of the next one (``next_segment_rows``); a
+    child (``parent_segment >= 0``) at its parent's row, ``parent_position`` (the first action
+    at or after it is the next step). Row -1: the trajectory ends after this row. Parent links
+    are checked: the parent is present, the position inside its tokens, no cycles, and the main
+    chain's last sub-trace (``num_segments - 1``) is no child.
+    """
+    nxt = next_segment_rows(subs)
+    row_of = {(s.trajectory_id, s.segment): i for i, s in enumerate(subs)}
+    dep = nxt.clone()
+    pos = torch.zeros(len(subs), dtype=torch.long)
+    for i, s in enumerate(subs):
+        if s.parent_segment < 0:
+            if dep[i] >= 0 and subs[int(dep[i])].parent_segment >= 0:
+                raise ValueError(f"trajectory {s.trajectory_id}: segment {s.segment + 1} is a child trace but follows "
+                                 "the main chain; children are numbered before the main chain")
+            continue
+        parent = row_of.get((s.trajectory_id, s.parent_segment))
+        if parent is None or parent == i or s.segment == s.num_segments - 1:
+            raise ValueError(f"sub-trace {s.trajectory_id}/{s.segment}: parent_segment {s.parent_segment} is not "
+                             "another sub-trace of its trajectory (or the child is numbered last)")
+        if not 0 <= s.parent_position <= len(subs[parent].tokens):
+            raise ValueError(f"sub-trace {s.trajectory_id}/{s.segment}: parent_position {s.parent_position} is "
+                             f"outside its parent's {len(subs[parent].tokens)} tokens")
+        dep[i], pos[i] = parent, s.parent_position
+    return dep, pos
+
+
+def _depths(dep: torch.Tensor) -> torch.Tensor:
+    """(b,) how many continuations each row is from the end of its trajectory."""
+    b = len(dep)
+    depth = [-1] * b
+    for i in range(b):
+        path = []
+        j = i
+        while j >= 0 and depth[j] < 0:
+            if j in path:
+                raise ValueError("parent links form a cycle")
+            path.append(j)
+            j = int(dep[j])
+        d = depth[j] if j >= 0 else -1
+        for k in reversed(path):
+            d += 1
+            depth[k] = d
+    return torch.tensor(depth, dtype=torch.long)
+
+
 def _per_row(x: float | torch.Tensor | None, b: int) -> torch.Tensor:
     if x is None:
         return torch.zeros(b, dtype=torch.float64)
@@ -136,63 +206,81 @@ def chained_gae(subs: list[SubTrace], rewards: torch.Tensor, values: torch.Tenso
     carry is not rounded at every cut).
 
     Rows are processed by depth from the end of their trajectory (last segments first), one
-    batched ``gae`` call per depth: a row of depth d takes ``bootstrap`` = the value of the
-    first action state of its next segment (depth d - 1, already done) and ``next_advantage``
-    = that action's advantage. ``chained_gae_reference`` is the definition it is tested against.
+    batched ``gae`` call per depth. A row continues (``continuation_rows``) at a row of smaller
+    depth, already done: the next segment from its start, or, for a sub-agent's trace, its
+    parent from ``parent_position``. It takes ``bootstrap`` = the value of the first action
+    state there and ``next_advantage`` = that action's advantage; where that row has no action
+    from there on, its own bootstrap and carry pass through. ``chained_gae_reference`` is the
+    definition it is tested against.
     """
     b = len(subs)
-    nxt = next_segment_rows(subs)
+    dep, pos = continuation_rows(subs)
     lam_b = _per_row(lam, b)
     last_b = _per_row(last_bootstrap, b)
     rewards64, values64 = rewards.to(torch.float64), values.to(torch.float64)
-    depth = torch.tensor([s.num_segments - 1 - s.segment for s in subs], dtype=torch.long)
-    first_value = first_action_value(values64, masks)
-    first_adv = torch.zeros(b, dtype=torch.float64)
+    depth = _depths(dep)
+    steps = torch.arange(masks.shape[1] if masks.dim() == 2 else 0)
+    boot_b = torch.zeros(b, dtype=torch.float64)
+    carry_b = torch.zeros(b, dtype=torch.float64)
     adv = torch.zeros_like(values64)
     ret = torch.zeros_like(values64)
     for d in range(int(depth.max()) + 1 if b else 0):
         rows = torch.nonzero(depth == d, as_tuple=False)[:, 0]
-        n = nxt[rows]
+        n = dep[rows]
         has_next = n >= 0
         n = n.clamp(min=0)
-        boot = torch.where(has_next, first_value[n], last_b[rows])
-        carry = torch.where(has_next, first_adv[n], torch.zeros_like(boot))
+        after = masks[n].bool() & (steps[None, :] >= pos[rows][:, None])  # actions of the continuation
+        found = has_next & after.any(dim=1)
+        first = after.to(torch.int8).argmax(dim=1)
+        value_there = values64[n, first]
+        adv_there = adv[n, first]
+        boot = torch.where(found, value_there, torch.where(has_next, boot_b[n], last_b[rows]))
+        carry = torch.where(found, adv_there, torch.where(has_next, carry_b[n], torch.zeros_like(value_there)))
         a, r = gae(rewards64[rows], values64[rows], masks[rows], boot, gamma, lam_b[rows], carry)
         adv[rows], ret[rows] = a, r
-        first_adv[rows] = first_action_value(a, masks[rows])
+        boot_b[rows], carry_b[rows] = boot, carry
     return adv.to(values.dtype), ret.to(values.dtype)
 
 
 def chained_gae_reference(subs: list[SubTrace], rewards: torch.Tensor, values: torch.Tensor, masks: torch.Tensor,
                           gamma: float, lam: float | torch.Tensor,
                           last_bootstrap: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The definition ``chained_gae`` is tested against: per trajectory, the action tokens of
-    its sub-traces in segment order are concatenated into one uncut sequence and run through
-    ``gae_reference``. Same arguments and results as ``chained_gae``."""
+    """The definition ``chained_gae`` is tested against: for each row, the path the episode
+    takes from it to its end (its own action tokens, then those of the row it continues at,
+    from the continuation's position on, and so on: the later segments for a main-chain
+    sub-trace; for a sub-agent's trace its parent's actions after the answer returns, then the
+    parent's own continuation) is one uncut sequence, run through ``gae_reference``; the row
+    keeps the values of its own tokens. Same arguments and results as ``chained_gae``."""
     b = len(subs)
-    next_segment_rows(subs)  # the same whole-trajectory check
+    dep, pos = continuation_rows(subs)  # the same checks
+    _depths(dep)
     lam_b = _per_row(lam, b)
     last_b = _per_row(last_bootstrap, b)
-    rows_of: dict[str, list[int]] = {}
+    lams: dict[str, set[float]] = {}
     for i, s in enumerate(subs):
-        rows_of.setdefault(s.trajectory_id, []).append(i)
+        lams.setdefault(s.trajectory_id, set()).add(float(lam_b[i]))
+    for tid, ls in lams.items():
+        if len(ls) != 1:
+            raise ValueError(f"trajectory {tid} has more than one lambda: {sorted(ls)}")
     adv = torch.zeros(values.shape, dtype=torch.float64)
     ret = torch.zeros(values.shape, dtype=torch.float64)
-    for rows in rows_of.values():
-        rows.sort(key=lambda i: subs[i].segment)
-        lams = {float(lam_b[i]) for i in rows}
-        if len(lams) != 1:
-            raise ValueError(f"trajectory {subs[rows[0]].trajectory_id} has more than one lambda: {sorted(lams)}")
-        picks = [masks[i].bool() for i in rows]
-        r = torch.cat([rewards[i][m] for i, m in zip(rows, picks, strict=True)]).to(torch.float64)
-        v = torch.cat([values[i][m] for i, m in zip(rows, picks, strict=True)]).to(torch.float64)
+    for i in range(b):
+        own = masks[i].bool()
+        r_parts, v_parts = [rewards[i][own]], [values[i][own]]
+        j, end = int(dep[i]), i
+        p = int(pos[i])
+        while j >= 0:
+            m = masks[j].bool().clone()
+            m[:p] = False
+            r_parts.append(rewards[j][m])
+            v_parts.append(values[j][m])
+            end, p, j = j, int(pos[j]), int(dep[j])
+        r = torch.cat(r_parts).to(torch.float64)
+        v = torch.cat(v_parts).to(torch.float64)
         a, rt = gae_reference(r[None], v[None], torch.ones(1, len(r), dtype=torch.long),
-                              last_b[rows[-1]][None], gamma, lams.pop())
-        start = 0
-        for i, m in zip(rows, picks, strict=True):
-            k = int(m.sum())
-            adv[i][m], ret[i][m] = a[0, start:start + k], rt[0, start:start + k]
-            start += k
+                              last_b[end][None], gamma, float(lam_b[i]))
+        k = int(own.sum())
+        adv[i][own], ret[i][own] = a[0, :k], rt[0, :k]
     return adv.to(values.dtype), ret.to(values.dtype)
 
 
@@ -310,7 +398,7 @@ def gradient_share_metrics(subs: list[SubTrace], cfg: AlgorithmConfig) -> dict[s
     longest, shortest = int(n.argmax()), int(n.argmin())
     positive = shares[shares > 0]
     entropy = float(-(positive * positive.log()).sum())
-    before_cut = torch.tensor([s.segment < s.num_segments - 1 for s in subs])
+    before_cut = torch.tensor([s.segment < s.num_segments - 1 and s.parent_segment < 0 for s in subs])
     total_weight = float(n.sum()) / cfg.loss_constant if cfg.loss_reduction == "constant" else 1.0
     return {
         "loss/max_subtrace_share": float(shares.max()),

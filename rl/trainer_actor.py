@@ -1,6 +1,7 @@
 """Ray wrappers of the trainer: one actor per data-parallel rank, and the driver-side group.
 
-``TrainerActor`` holds one ``DeepSpeedBackend`` rank in its own process. ``TrainerGroup`` (a
+``TrainerActor`` holds one backend rank (``DeepSpeedBackend`` or ``MegatronBackend``, by
+``trainer.backend``) in its own process. ``TrainerGroup`` (a
 plain class used by the driver) starts ``world_size`` of them, points them at one rendezvous
 address, splits each batch across them and puts the results back together, and itself
 implements ``rl.backend.TrainerBackend``, so the driver cannot tell one rank from many.
@@ -8,7 +9,9 @@ implements ``rl.backend.TrainerBackend``, so the driver cannot tell one rank fro
 Data-parallel contract
 ----------------------
 - Samples are split by ``shard_by_tokens``: balanced by token count, deterministic (the same
-  batch always gives the same shards), every sample on exactly one rank.
+  batch always gives the same shards), every sample on exactly one data-parallel shard. The
+  tensor-parallel peers of a Megatron replica all get their replica's shard; only the first of
+  them reports outputs and metrics.
 - ``loss_fn`` is the same closure on every rank (cloudpickled by Ray) and must already be
   normalised for the *whole* batch (e.g. divided by the batch's total action tokens computed
   on the driver before sharding): ranks' gradients are summed, not averaged.
@@ -56,6 +59,23 @@ def shard_by_tokens(lengths: list[int], world_size: int) -> list[list[int]]:
     return [sorted(s) for s in shards]
 
 
+def make_backend(role: Role, model_path: str, trainer_cfg: TrainerConfig, optim_cfg: OptimConfig | None,
+                 dtype: str, rank: int, world_size: int, seed: int):
+    """The ``TrainerBackend`` that ``trainer.backend`` names, for one rank."""
+    if trainer_cfg.backend == "megatron":
+        from relayrl.rl.megatron_backend import MegatronBackend as cls
+    else:
+        from relayrl.rl.deepspeed_backend import DeepSpeedBackend as cls
+    return cls(role, model_path, trainer_cfg, optim_cfg, dtype, rank, world_size, seed)
+
+
+def data_parallel_ranks(world_size: int, trainer_cfg: TrainerConfig) -> list[int]:
+    """Per global rank, the data shard it trains on. Tensor-parallel peers (megatron: adjacent
+    ranks, TP fastest in megatron's rank order) share one shard; DeepSpeed ranks each get one."""
+    tp = trainer_cfg.megatron.tensor_parallel_size if trainer_cfg.backend == "megatron" else 1
+    return [r // tp for r in range(world_size)]
+
+
 @ray.remote
 class TrainerActor:
     """One data-parallel rank: a ``DeepSpeedBackend`` in its own process."""
@@ -86,14 +106,12 @@ class TrainerActor:
         master_addr: str,
         master_port: int,
     ) -> None:
-        from relayrl.rl.deepspeed_backend import DeepSpeedBackend
-
         # Ray gives each actor its own GPU (CUDA_VISIBLE_DEVICES), so the local device is 0.
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0"
         )
         self.rank = rank
-        self.backend = DeepSpeedBackend(role, model_path, trainer_cfg, optim_cfg, dtype, rank, world_size, seed)
+        self.backend = make_backend(role, model_path, trainer_cfg, optim_cfg, dtype, rank, world_size, seed)
 
     def forward_logprobs(self, samples: list[Sample], temperature: float) -> list[torch.Tensor]:
         return self.backend.forward_logprobs(samples, temperature)
@@ -149,6 +167,7 @@ class TrainerGroup:
     ) -> None:
         self.role: Role = role
         self.world_size = world_size or trainer_cfg.world_size
+        self.dp_ranks = data_parallel_ranks(self.world_size, trainer_cfg)
         threads = num_threads or max(1, int(num_cpus_per_rank))
         self.actors = [
             TrainerActor.options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank).remote(threads)
@@ -165,7 +184,13 @@ class TrainerGroup:
         )
 
     def _shards(self, samples: list[Sample]) -> list[list[int]]:
-        return shard_by_tokens([int(s["tokens"].shape[0]) for s in samples], self.world_size)
+        """Per global rank, the indices of its samples (TP peers get the same shard)."""
+        per_dp = shard_by_tokens([int(s["tokens"].shape[0]) for s in samples], self.dp_ranks[-1] + 1)
+        return [per_dp[d] for d in self.dp_ranks]
+
+    def _reporting(self) -> list[bool]:
+        """Whether a rank's results count: the first rank of each data shard."""
+        return [r == 0 or self.dp_ranks[r] != self.dp_ranks[r - 1] for r in range(self.world_size)]
 
     def _gather_per_sample(self, samples: list[Sample], method: str, *args: Any) -> list[torch.Tensor]:
         shards = self._shards(samples)
@@ -173,7 +198,9 @@ class TrainerGroup:
             getattr(actor, method).remote([samples[i] for i in shard], *args) for actor, shard in zip(self.actors, shards, strict=True)
         ]
         out: list[torch.Tensor | None] = [None] * len(samples)
-        for shard, results in zip(shards, _get_all(refs), strict=True):
+        for shard, results, counts in zip(shards, _get_all(refs), self._reporting(), strict=True):
+            if not counts:
+                continue
             for i, r in zip(shard, results, strict=True):
                 out[i] = r
         return out  # type: ignore[return-value]
@@ -194,7 +221,9 @@ class TrainerGroup:
             ]
         )
         merged: dict[str, float] = {}
-        for metrics in per_rank:
+        for metrics, counts in zip(per_rank, self._reporting(), strict=True):
+            if not counts:
+                continue
             for k, v in metrics.items():
                 if k not in _GLOBAL_METRICS:
                     merged[k] = merged.get(k, 0.0) + v

@@ -1,0 +1,47 @@
+"""A TP rank for the tensor-parallel test: run in a spawned process (gloo), write its results.
+
+``run_rank(rank, world_size, port, model_dir, out_dir, samples, tp)`` builds a Megatron policy
+with ``tensor_parallel_size=tp``, computes log-probabilities, takes one optimizer step with a
+token-mean NLL loss, and has global rank 0 write ``{"logprobs", "metrics", "weights"}`` to
+``out_dir/result.pt`` (weights gathered over TP into HF names).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def nll_loss_fn(n_tokens: int):
+    def loss_fn(outputs, mb):
+        mask = mb["loss_mask"].to(outputs["logprobs"].dtype)
+        loss = -(outputs["logprobs"] * mask).sum() / n_tokens
+        return loss, {"nll": float(loss.detach())}
+
+    return loss_fn
+
+
+def run_rank(rank: int, world_size: int, port: int, model_dir: str, out_dir: str, samples, tp: int) -> None:
+    from support.megatron_cpu import install
+
+    install()
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    from relayrl.config import OptimConfig, TrainerConfig
+    from relayrl.rl.megatron_backend import MegatronBackend
+
+    tc = TrainerConfig(backend="megatron", world_size=world_size, micro_batch_size=2,
+                       megatron={"tensor_parallel_size": tp})
+    backend = MegatronBackend("policy", model_dir, tc, OptimConfig(lr=1e-3, eps=1e-3, grad_clip=None),
+                              rank=rank, world_size=world_size)
+    logprobs = backend.forward_logprobs(samples)
+    n_tokens = sum(int(s["loss_mask"].sum()) for s in samples)
+    metrics = backend.train_step(samples, nll_loss_fn(n_tokens))
+    weights = backend.state_dict_for_engine()
+    if rank == 0:
+        torch.save({"logprobs": logprobs, "metrics": metrics, "weights": weights}, os.path.join(out_dir, "result.pt"))
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()

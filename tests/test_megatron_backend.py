@@ -1,0 +1,341 @@
+"""The Megatron-core backend on CPU (gloo), through the shims of ``tests/support/megatron_cpu.py``.
+
+Invariances: on the same tiny Llama weights and batch, DeepSpeed and Megatron give the same
+per-token log-probabilities, PPO loss and gradients, and the same weights after one step; packed
+micro-batches == padded ones; micro-batch 1 x 4 == 4 x 1; TP=2 (two gloo processes) == TP=1;
+Qwen2 (qkv bias) and Qwen3 (qk-norm) forwards equal HF's; the critic equals DeepSpeed's critic;
+save/load continues bit-identically. Update tolerance as in ``test_deepspeed_backend``: AdamW's
+first step with eps=1e-3 moves a weight by lr * g / (|g| + eps), Lipschitz in g with constant
+lr / eps = 1, so float noise in g (~1e-7) stays ~1e-7 in the weights, while a wrongly scaled
+gradient moves them by ~1e-4: 2e-6 tells them apart.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from support.megatron_cpu import install  # noqa: E402
+from support.megatron_tp import nll_loss_fn  # noqa: E402
+
+from relayrl.config import AlgorithmConfig, OptimConfig, TrainerConfig  # noqa: E402
+from relayrl.model import make_tiny_model  # noqa: E402
+from relayrl.rl.backend import TrainerBackend  # noqa: E402
+from relayrl.rl.deepspeed_backend import collate, token_logprobs_and_entropy  # noqa: E402
+from relayrl.rl.megatron_backend import causal_mask, pack_index, packed_mask  # noqa: E402
+from relayrl.rl.megatron_convert import megatron_to_hf  # noqa: E402
+from relayrl.rl.ppo import make_policy_loss_fn, make_value_loss_fn  # noqa: E402
+
+install()
+from relayrl.rl.deepspeed_backend import DeepSpeedBackend  # noqa: E402
+from relayrl.rl.megatron_backend import MegatronBackend  # noqa: E402
+
+LENGTHS = [7, 12, 3, 9]
+OPTIM = OptimConfig(lr=1e-3, eps=1e-3, grad_clip=None)
+
+
+def trainer_cfg(**kw):
+    kw.setdefault("micro_batch_size", 2)
+    return TrainerConfig(backend="megatron", zero_stage=0, **kw)
+
+
+def make_samples(lengths, seed=0, vocab=(8, 40)):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        loss_mask = (torch.arange(n) >= min(2, n - 1)).long()
+        out.append({"tokens": torch.randint(*vocab, (n,), generator=g), "loss_mask": loss_mask})
+    return out
+
+
+def ppo_samples(samples, logprobs, seed=1):
+    """PPO fields: old logprobs near the current ones (ratios off 1), random advantages."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s, lp in zip(samples, logprobs, strict=True):
+        m = s["loss_mask"].float()
+        out.append(s | {"old_logprobs": (lp + 0.1 * torch.randn(lp.shape, generator=g)) * m,
+                        "advantages": torch.randn(lp.shape, generator=g) * m})
+    return out
+
+
+ALG = AlgorithmConfig(entropy_coef=0.01, clip_low=0.2, clip_high=0.28)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("mtiny"), hidden_size=32, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_untied(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("mtiny_untied"), hidden_size=32, intermediate_size=64,
+                           tie_word_embeddings=False, seed=3)
+
+
+# ----------------------------------------------------------------------------- masks, by hand
+
+
+def test_masks_by_hand():
+    # Row 0 has 3 real tokens, row 1 has 2 (T=3): True = masked.
+    m = causal_mask([3, 2], 3)
+    assert m.shape == (2, 1, 3, 3)
+    assert m[0, 0].int().tolist() == [[0, 1, 1], [0, 0, 1], [0, 0, 0]]
+    assert m[1, 0].int().tolist() == [[0, 1, 1], [0, 0, 1], [0, 0, 1]]  # key 2 is padding
+    # Packed [a a | b]: b sees only itself.
+    p = packed_mask([2, 1])
+    assert p[0, 0].int().tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 0]]
+    # Tokens of lengths [2, 1] in rows of T=3 sit at flat positions 0, 1 and 3.
+    assert pack_index([2, 1], 3)[0].tolist() == [0, 1, 3]
+
+
+# ----------------------------------------------------------------------------- DeepSpeed == Megatron
+
+
+def _mg_grads(backend, samples, loss_fn):
+    backend.model.zero_grad(set_to_none=True)
+    mb = collate(samples)
+    loss, _ = loss_fn(backend._forward(mb, 1.0), mb)
+    loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in backend.model.named_parameters()}
+    backend.model.zero_grad(set_to_none=True)
+    return float(loss), megatron_to_hf([grads], backend.spec)
+
+
+def _ds_grads(backend, samples, loss_fn):
+    module = backend.engine.module
+    module.zero_grad(set_to_none=True)
+    mb = collate(samples)
+    backend.engine.train()
+    backend.engine.set_gradient_accumulation_boundary(True)
+    loss, _ = loss_fn(backend._forward(mb, 1.0), mb)
+    backend.engine.backward(loss, scale_wrt_gas=False)  # DeepSpeed's own backward, as in its train_step
+    grads = {k: p.grad.detach().clone() for k, p in module.named_parameters()}
+    backend.engine.zero_grad()
+    backend.engine.eval()
+    return float(loss), grads
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_untied"])
+def test_deepspeed_and_megatron_agree(fixture, request):
+    path = request.getfixturevalue(fixture)
+    samples = make_samples(LENGTHS)
+    ds = DeepSpeedBackend("policy", path, TrainerConfig(micro_batch_size=2, zero_stage=0), OPTIM)
+    mg = MegatronBackend("policy", path, trainer_cfg(), OPTIM)
+    assert isinstance(mg, TrainerBackend)
+
+    lp_ds, lp_mg = ds.forward_logprobs(samples), mg.forward_logprobs(samples)
+    for a, b in zip(lp_ds, lp_mg, strict=True):
+        assert a.shape == b.shape and a[0] == 0.0 and b[0] == 0.0
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-6)
+
+    batch = ppo_samples(samples, lp_ds)
+    n_tokens = sum(int(s["loss_mask"].sum()) for s in batch)
+    loss_fn = make_policy_loss_fn(ALG, num_tokens=n_tokens, num_sequences=len(batch))
+    loss_ds, g_ds = _ds_grads(ds, batch, loss_fn)
+    loss_mg, g_mg = _mg_grads(mg, batch, loss_fn)
+    assert loss_mg == pytest.approx(loss_ds, rel=1e-6, abs=1e-7)
+    # Tied weights appear once among DeepSpeed's parameters (as embed_tokens); the Megatron side
+    # names the same tensor twice (lm_head is embed_tokens).
+    assert set(g_ds) <= set(g_mg) and set(g_mg) - set(g_ds) <= {"lm_head.weight"}
+    for k in g_ds:
+        scale = float(g_ds[k].abs().max())
+        assert scale > 0, k  # every weight gets a gradient from this loss
+        torch.testing.assert_close(g_mg[k], g_ds[k], rtol=0, atol=1e-5 * scale, msg=k)
+
+    m_ds, m_mg = ds.train_step(batch, loss_fn), mg.train_step(batch, loss_fn)
+    for key in ("loss", "pg_loss", "entropy", "clipfrac", "num_micro_batches"):
+        assert m_mg[key] == pytest.approx(m_ds[key], rel=1e-5, abs=1e-7), key
+    assert m_mg["grad_norm"] == pytest.approx(m_ds["grad_norm"], rel=1e-5)
+    w_ds, w_mg = ds.state_dict_for_engine(), mg.state_dict_for_engine()
+    assert sorted(w_ds) == sorted(w_mg)
+    moved = max(float((w_mg[k] - mg_init).abs().max()) for k, mg_init in _initial(path).items())
+    assert moved > 1e-4  # the step did something
+    for k in w_ds:
+        torch.testing.assert_close(w_mg[k], w_ds[k], rtol=0, atol=2e-6, msg=k)
+    ds.close()
+
+
+def _initial(path):
+    from safetensors.torch import load_file
+
+    state = load_file(Path(path) / "model.safetensors")
+    return {k: v for k, v in state.items() if k != "lm_head.weight"}
+
+
+def test_packed_equals_padded_and_accumulation_is_a_sum(tiny):
+    samples = make_samples([7, 12, 3, 9, 5, 11])
+    packed = MegatronBackend("policy", tiny, trainer_cfg(micro_batch_size=3), OPTIM)
+    padded = MegatronBackend("policy", tiny, trainer_cfg(micro_batch_size=3, megatron={"pack_sequences": False}), OPTIM)
+    one_each = MegatronBackend("policy", tiny, trainer_cfg(micro_batch_size=1), OPTIM)
+    for a, b in zip(packed.forward_logprobs(samples), padded.forward_logprobs(samples), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    n_tokens = sum(int(s["loss_mask"].sum()) for s in samples)
+    metrics = [b.train_step(samples, nll_loss_fn(n_tokens)) for b in (packed, padded, one_each)]
+    assert [m["num_micro_batches"] for m in metrics] == [2.0, 2.0, 6.0]
+    assert metrics[0]["nll"] == pytest.approx(metrics[2]["nll"], rel=1e-6)
+    weights = [b.state_dict_for_engine() for b in (packed, padded, one_each)]
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=0, atol=2e-6, msg=k)
+        torch.testing.assert_close(weights[2][k], weights[0][k], rtol=0, atol=2e-6, msg=k)
+
+
+# ----------------------------------------------------------------------------- Qwen families
+
+
+def _qwen_checkpoint(tmp_path, family):
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rope_theta=1_000_000.0)
+    config = Qwen2Config(**common) if family == "qwen2" else Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random biases and norm weights, so that a dropped one shows
+        for k, p in model.named_parameters():
+            if "bias" in k or "norm" in k:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in k else 0.0))
+    model.save_pretrained(tmp_path / family, safe_serialization=True)
+    return tmp_path / family, model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_forward_equals_hf(family, tmp_path):
+    path, hf = _qwen_checkpoint(tmp_path, family)
+    samples = make_samples([9, 5, 12], vocab=(0, 48))
+    mg = MegatronBackend("policy", path, trainer_cfg(), OPTIM)
+    for s, lp in zip(samples, mg.forward_logprobs(samples), strict=True):
+        with torch.no_grad():
+            logits = hf(input_ids=s["tokens"][None]).logits
+        ref, _ = token_logprobs_and_entropy(logits, s["tokens"][None])
+        torch.testing.assert_close(lp, ref[0], rtol=0, atol=2e-6)
+    # The export is the checkpoint: same names, same values.
+    out = mg.state_dict_for_engine()
+    for k, v in hf.state_dict().items():
+        torch.testing.assert_close(out[k], v, rtol=0, atol=0, msg=k)
+
+
+# ----------------------------------------------------------------------------- critic
+
+
+def test_critic_equals_deepspeed_critic(tiny, tmp_path):
+    samples = make_samples(LENGTHS)
+    ds = DeepSpeedBackend("critic", tiny, TrainerConfig(micro_batch_size=2, zero_stage=0), OPTIM, seed=4)
+    ds.export_hf(tmp_path / "critic")  # a saved critic: backbone + its value head
+    mg = MegatronBackend("critic", tmp_path / "critic", trainer_cfg(), OPTIM)
+    v_ds, v_mg = ds.forward_values(samples), mg.forward_values(samples)
+    for a, b in zip(v_ds, v_mg, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-6)
+    g = torch.Generator().manual_seed(2)
+    batch = []
+    for s, v in zip(samples, v_ds, strict=True):
+        vm = s["loss_mask"].roll(-1).clone()
+        vm[-1] = 0
+        batch.append(s | {"value_mask": vm, "old_values": v * vm, "returns": torch.randn(v.shape, generator=g) * vm})
+    n = sum(int(s["value_mask"].sum()) for s in batch)
+    loss_fn = make_value_loss_fn(AlgorithmConfig(), num_tokens=n, num_sequences=len(batch))
+    m_ds, m_mg = ds.train_step(batch, loss_fn), mg.train_step(batch, loss_fn)
+    assert m_mg["vf_loss"] == pytest.approx(m_ds["vf_loss"], rel=1e-6)
+    w_ds, w_mg = ds.state_dict_for_engine(), mg.state_dict_for_engine()
+    assert "score.weight" in w_mg and sorted(w_ds) == sorted(w_mg)
+    for k in w_ds:
+        torch.testing.assert_close(w_mg[k], w_ds[k], rtol=0, atol=2e-6, msg=k)
+    ds.close()
+
+
+def test_fresh_critic_head_from_a_causal_lm(tiny):
+    a = MegatronBackend("critic", tiny, trainer_cfg(), OPTIM, seed=1)
+    b = MegatronBackend("critic", tiny, trainer_cfg(), OPTIM, seed=1)
+    c = MegatronBackend("critic", tiny, trainer_cfg(), OPTIM, seed=2)
+    wa, wb, wc = (x.state_dict_for_engine()["score.weight"] for x in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    # normal(0, initializer_range=0.02) over 32 weights: the sample std lies well inside (0.01, 0.04).
+    assert 0.01 < float(wa.std()) < 0.04
+
+
+# ----------------------------------------------------------------------------- save / load, export
+
+
+def test_save_load_continues_identically(tiny, tmp_path):
+    samples = make_samples(LENGTHS)
+    n = sum(int(s["loss_mask"].sum()) for s in samples)
+    a = MegatronBackend("policy", tiny, trainer_cfg(), OptimConfig(lr=1e-3, warmup_steps=3))
+    a.train_step(samples, nll_loss_fn(n))
+    a.save(tmp_path / "ckpt")
+    m2_a = a.train_step(samples, nll_loss_fn(n))
+    b = MegatronBackend("policy", tiny, trainer_cfg(), OptimConfig(lr=1e-3, warmup_steps=3))
+    b.load(tmp_path / "ckpt")
+    assert b.global_step == 1
+    m2_b = b.train_step(samples, nll_loss_fn(n))
+    assert m2_b == m2_a  # same lr in warm-up, same loss, bit for bit
+    wa, wb = a.state_dict_for_engine(), b.state_dict_for_engine()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ValueError, match="role='policy', this backend has role='critic'"):
+        MegatronBackend("critic", tiny, trainer_cfg(), OPTIM).load(tmp_path / "ckpt")
+
+
+def test_export_hf_loads_in_transformers(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    mg = MegatronBackend("policy", tiny, trainer_cfg(), OPTIM)
+    samples = make_samples([10])
+    mg.train_step(samples, nll_loss_fn(int(samples[0]["loss_mask"].sum())))
+    mg.export_hf(tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        ref, _ = token_logprobs_and_entropy(hf(input_ids=samples[0]["tokens"][None]).logits, samples[0]["tokens"][None])
+    torch.testing.assert_close(mg.forward_logprobs(samples)[0], ref[0], rtol=0, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------- TP=2 == TP=1
+
+
+def test_tensor_parallel_2_equals_1(tiny, tmp_path):
+    """Two gloo processes at TP=2 against this process at TP=1: megatron-core allows it on CPU."""
+    import torch.multiprocessing as mp
+
+    from relayrl.rl.distributed import free_port
+    from support.megatron_tp import run_rank
+
+    samples = make_samples(LENGTHS)
+    tests_dir = str(Path(__file__).parent)
+    old = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = tests_dir + (os.pathsep + old if old else "")
+    try:
+        mp.start_processes(run_rank, args=(2, free_port(), str(tiny), str(tmp_path), samples, 2), nprocs=2,
+                           join=True, start_method="spawn")
+    finally:
+        os.environ["PYTHONPATH"] = old
+    tp2 = torch.load(tmp_path / "result.pt", weights_only=False)
+    tp1 = MegatronBackend("policy", tiny, trainer_cfg(), OPTIM)
+    for a, b in zip(tp1.forward_logprobs(samples), tp2["logprobs"], strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-6)
+    n = sum(int(s["loss_mask"].sum()) for s in samples)
+    m1 = tp1.train_step(samples, nll_loss_fn(n))
+    assert tp2["metrics"]["nll"] == pytest.approx(m1["nll"], rel=1e-6)
+    assert tp2["metrics"]["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+    w1 = tp1.state_dict_for_engine()
+    assert sorted(tp2["weights"]) == sorted(w1)
+    for k in w1:
+        torch.testing.assert_close(tp2["weights"][k], w1[k], rtol=0, atol=2e-6, msg=k)
+
+
+# ----------------------------------------------------------------------------- without the shims
+
+
+def test_without_cuda_or_shims_it_says_so(tiny):
+    code = ("from relayrl.config import TrainerConfig\n"
+            "from relayrl.rl.megatron_backend import MegatronBackend\n"
+            f"MegatronBackend('policy', {str(tiny)!r}, TrainerConfig(backend='megatron'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0
+    assert "trainer.backend=megatron needs CUDA GPUs" in proc.stderr

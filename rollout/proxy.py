@@ -57,7 +57,7 @@ from aiohttp import web
 from relayrl.types import Event, ParseError, SubTrace, ToolCall
 
 from .agent import _Context, turn_seed
-from .chat import ChatFormat
+from .chat import ChatFormat, TemplateError
 from .engine import Engine, EngineError, GenerateRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -253,12 +253,15 @@ class EpisodeProxy:
         if int(body.get("n") or 1) != 1:
             raise ProxyError(400, "n: the relayrl proxy samples one choice per request")
         tools = body.get("tools") or None
-        if tools is not None and not isinstance(tools, list):
-            raise ProxyError(400, "tools: must be a list of tool schemas")
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise ProxyError(400, "tools: must be a list of tool schemas (objects)")
         tools_key = json.dumps(tools, sort_keys=True)
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
         async with self._lock:  # the bookkeeping of one episode's calls happens in arrival order
-            tr, call_index = self._open(body.get("messages"), tools, tools_key)
+            try:
+                tr, call_index = self._open(body.get("messages"), tools, tools_key)
+            except (ValueError, TemplateError) as e:  # the chat template refused these messages
+                raise ProxyError(400, f"the chat template cannot render this request: {e}") from None
             budget = min(self.settings.max_new_tokens, self.settings.max_context_tokens - len(tr.ctx.tokens))
             if cap is not None:
                 budget = min(budget, max(int(cap), 1))

@@ -51,21 +51,16 @@ def _load(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
 
 @torch.no_grad()
 def greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-    """Greedy completion (argmax each step), stopping after a stop token; plain loop with the
-    model's KV cache."""
+    """Greedy completion (argmax each step), ending with the first stop token if one comes."""
     ids = torch.tensor([prompt_ids])
-    out: list[int] = []
-    past = None
-    step_in = ids
-    for _ in range(max_new_tokens):
-        res = model(input_ids=step_in, past_key_values=past, use_cache=True)
-        past = res.past_key_values
-        tok = int(res.logits[0, -1].argmax())
-        out.append(tok)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids),
+                         pad_token_id=sorted(stop_ids)[0], temperature=None, top_p=None, top_k=None)
+    completion = out[0, len(prompt_ids):].tolist()
+    for i, tok in enumerate(completion):
         if tok in stop_ids:
-            break
-        step_in = torch.tensor([[tok]])
-    return out
+            return completion[: i + 1]
+    return completion
 
 
 @torch.no_grad()

@@ -164,6 +164,8 @@ class Job:
         self.model_path = str(resolve_model_path(self.cfg.model.path, self.cfg.model.cache_dir))
         self.env_factory = make_env_factory(self.cfg.env)
         make_parser(self.cfg.rollout.parser)
+        if self.cfg.subagents.enabled and self.cfg.subagents.parser:
+            make_parser(self.cfg.subagents.parser, "subagents.parser")
         make_compactor(self.cfg.compaction)
         if self.cfg.blackbox.enabled:
             from relayrl.rollout.blackbox import check_blackbox_config

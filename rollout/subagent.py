@@ -82,7 +82,7 @@ class SpawnerFactory:
         if cfg.parser is not None:
             from .worker import make_parser
 
-            parser = make_parser(cfg.parser)
+            parser = make_parser(cfg.parser, "subagents.parser")
         self.parser = parser
 
     def for_episode(self, job: EpisodeJob, env: Env, engine: Engine, gate: Any = None) -> "EpisodeSpawner":

@@ -30,6 +30,7 @@ def make_env_factory(env_cfg: EnvConfig):
     """Resolve ``env.name`` and return a zero-argument constructor (checked at start-up)."""
     import relayrl.envs.coding  # noqa: F401  (registers the built-in envs)
     import relayrl.envs.toy  # noqa: F401
+    import relayrl.envs.toy_delegate  # noqa: F401
 
     cls = envs.resolve(env_cfg.name, "env.name")
     kwargs = dict(env_cfg.kwargs)
@@ -38,10 +39,11 @@ def make_env_factory(env_cfg: EnvConfig):
     return lambda: cls(**kwargs)
 
 
-def make_parser(name: str):
+def make_parser(name: str, key: str = "rollout.parser"):
+    import relayrl.envs.toy_delegate  # noqa: F401  (its toy parsers)
     import relayrl.rollout.parsers  # noqa: F401  (registers the built-in parsers)
 
-    return parsers.resolve(name, "rollout.parser")()
+    return parsers.resolve(name, key)()
 
 
 class RolloutWorker:

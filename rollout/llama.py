@@ -288,6 +288,10 @@ class LlamaModel:
         model.load_state_dict(read_safetensors(model_dir))
         return model
 
+    def weight_names(self) -> list[str]:
+        """HF names of every tensor ``load_state_dict`` needs."""
+        return list(self._targets)
+
     def _weight_targets(self) -> dict[str, torch.Tensor]:
         t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.final_norm}
         if not self.spec.tie_word_embeddings:

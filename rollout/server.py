@@ -17,6 +17,12 @@ request and response shapes, so the same client drives this server and a real SG
   "message", "num_paused_requests"}``; the engine keeps decoding in-flight requests with the
   new weights (SGLang without ``abort_all_requests``).
 - ``POST /flush_cache``: there is no prefix cache; succeeds at once.
+- ``POST /init_weights_update_group`` ``{"master_address", "master_port", "rank_offset",
+  "world_size", "group_name", "backend"}``, ``POST /update_weights_from_distributed``
+  ``{"names", "dtypes", "shapes", "group_name", "weight_version"}`` (the tensors arrive by
+  ``broadcast`` from rank 0 of that group, in ``names`` order) and ``POST
+  /destroy_weights_update_group``: SGLang's NCCL weight sync, here over gloo. Buckets are staged
+  and the new version is applied, all at once, when every weight of the model has arrived.
 
 Errors are HTTP 400 with ``{"error": {"message": ...}}`` (SGLang's shape), e.g. a prompt longer
 than the engine's ``max_seq_len``.
@@ -76,6 +82,8 @@ class EngineServer:
         self.engine = engine
         self.tokenizer = tokenizer
         self._update_lock = asyncio.Lock()
+        self._groups: dict[str, Any] = {}
+        self._staged: dict[str, Any] = {}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 30)
@@ -87,6 +95,9 @@ class EngineServer:
         app.router.add_post("/generate", self.generate)
         app.router.add_post("/update_weights_from_disk", self.update_weights_from_disk)
         app.router.add_route("*", "/flush_cache", self.flush_cache)
+        app.router.add_post("/init_weights_update_group", self.init_weights_update_group)
+        app.router.add_post("/update_weights_from_distributed", self.update_weights_from_distributed)
+        app.router.add_post("/destroy_weights_update_group", self.destroy_weights_update_group)
         return app
 
     # ------------------------------------------------------------------ info
@@ -243,6 +254,74 @@ class EngineServer:
         return web.json_response(
             {"success": True, "message": f"Succeeded to update model weights (version {version}).", "num_paused_requests": 0}
         )
+
+
+    async def init_weights_update_group(self, request: web.Request) -> web.Response:
+        from relayrl.rollout.sglang_engine import init_weight_update_group
+
+        try:
+            b = await request.json()
+            args = (b.get("backend", "gloo"), str(b["master_address"]), int(b["master_port"]), int(b["rank_offset"]),
+                    int(b["world_size"]), str(b.get("group_name", "weight_update_group")))
+        except (ValueError, KeyError, TypeError) as e:
+            return web.json_response({"success": False, "message": f"bad request: {e!r}"}, status=400)
+        if args[0] != "gloo":
+            return web.json_response({"success": False, "message": f"the CPU engine syncs over gloo, not {args[0]}"},
+                                     status=400)
+        try:
+            pg = await asyncio.get_running_loop().run_in_executor(None, lambda: init_weight_update_group(*args))
+        except Exception as e:  # noqa: BLE001 - reported to the trainer
+            return web.json_response({"success": False, "message": f"joining the group failed: {e}"}, status=400)
+        self._groups[args[-1]] = pg
+        return web.json_response({"success": True, "message": f"joined {args[-1]} as rank {args[3]}"})
+
+    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        import torch
+        import torch.distributed as dist
+
+        try:
+            b = await request.json()
+            pg = self._groups[b.get("group_name", "weight_update_group")]
+            specs = list(zip(b["names"], b["dtypes"], b["shapes"], strict=True))
+            version = b.get("weight_version")
+            version = None if version is None else int(version)
+        except (ValueError, KeyError, TypeError) as e:
+            return web.json_response({"success": False, "message": f"bad request (or no such group): {e!r}"}, status=400)
+
+        def receive() -> dict[str, Any]:
+            out = {}
+            for name, dtype, shape in specs:
+                t = torch.empty(shape, dtype=getattr(torch, dtype))
+                dist.broadcast(t, src=0, group=pg)
+                out[name] = t
+            return out
+
+        async with self._update_lock:
+            try:
+                self._staged.update(await asyncio.get_running_loop().run_in_executor(None, receive))
+            except Exception as e:  # noqa: BLE001
+                return web.json_response({"success": False, "message": f"receiving weights failed: {e}"}, status=400)
+            needed = self.engine.model.weight_names()
+            if all(n in self._staged for n in needed):
+                state, self._staged = self._staged, {}
+                v = self.engine.current_weight_version() if version is None else version
+                try:
+                    await asyncio.wrap_future(self.engine.submit_weights(state, v))
+                except EngineError as e:
+                    return web.json_response({"success": False, "message": str(e)}, status=400)
+        return web.json_response({"success": True, "message": f"received {len(specs)} tensors"})
+
+    async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
+        from relayrl.rollout.sglang_engine import destroy_weight_update_group
+
+        try:
+            b = await request.json()
+        except ValueError:
+            b = {}
+        pg = self._groups.pop(b.get("group_name", "weight_update_group"), None)
+        if pg is not None:
+            destroy_weight_update_group(pg)
+        return web.json_response({"success": True, "message": "destroyed" if pg is not None else "no such group"})
 
 
 # ---------------------------------------------------------------------------- running it

@@ -54,6 +54,12 @@ class RayConfig(_Section):
     """Address of an existing Ray cluster (``auto`` or ``host:port``); None starts a local one."""
     num_cpus: int | None = None
     """CPUs for a local Ray instance; None = all."""
+    placement: Literal["disaggregated", "colocated"] = "disaggregated"
+    """GPU layout of trainers and SGLang engines (Ray placement groups, see ``rl/placement.py``):
+    ``disaggregated``: trainer ranks and engines on disjoint GPUs (weights go by NCCL broadcast);
+    ``colocated``: each engine shares the GPUs of trainer ranks (weights go as CUDA IPC handles)."""
+    gpus_per_node: int = Field(8, ge=1)
+    """GPUs of one node; an SGLang engine (``engine.sglang.tp_size`` GPUs) never spans two nodes."""
 
 
 class EngineConfig(_Section):
@@ -76,6 +82,31 @@ class EngineConfig(_Section):
     """Interface the engine servers bind to."""
     request_timeout_s: float = Field(600.0, gt=0)
     """A request to an engine that takes longer fails the episode (it is retried or marked failed)."""
+    weight_sync: Literal["disk", "distributed", "tensor"] = "disk"
+    """How new weights reach the engines: ``disk`` (an HF export each engine loads;
+    ``/update_weights_from_disk``), ``distributed`` (the trainer's rank 0 broadcasts buckets to
+    every engine; ``/update_weights_from_distributed``, NCCL on GPUs, gloo on CPU engines) or
+    ``tensor`` (colocated SGLang engines get CUDA IPC handles; ``/update_weights_from_tensor``)."""
+    weight_sync_bucket_mb: int = Field(512, ge=1)
+    """Size of one broadcast bucket (``distributed``/``tensor``)."""
+    sglang: "SGLangConfig" = Field(default_factory=lambda: SGLangConfig())
+    """SGLang servers (``kind: sglang``)."""
+    health_check_interval_s: float = Field(10.0, gt=0)
+    """How often the driver probes the engines while it waits for rollouts; a dead one is
+    restarted with the current weights (episodes that failed meanwhile are retried or marked failed)."""
+
+
+class SGLangConfig(_Section):
+    tp_size: int = Field(1, ge=1)
+    """GPUs (tensor-parallel ranks) per SGLang server; engine.num_engines servers are launched."""
+    launch_command: list[str] = ["python", "-m", "sglang.launch_server"]
+    """Command prefix that starts one server (``--model-path --host --port --tp-size`` are added)."""
+    extra_args: list[str] = []
+    """Further server flags, e.g. ``["--mem-fraction-static", "0.7", "--context-length", "32768"]``."""
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
+    """sglang-router load-balancing policy (``engine.router: true``)."""
+    startup_timeout_s: float = Field(900.0, gt=0)
+    """A server not healthy this long after launch is an error (with its log's tail)."""
 
 
 class RolloutConfig(_Section):
@@ -499,6 +530,16 @@ class Config(_Section):
             if self.trainer.world_size % m.tensor_parallel_size:
                 raise ValueError(f"trainer.world_size ({self.trainer.world_size}) must be a multiple of "
                                  f"trainer.megatron.tensor_parallel_size ({m.tensor_parallel_size})")
+        e = self.engine
+        if e.weight_sync == "tensor" and (e.kind != "sglang" or self.ray.placement != "colocated"):
+            raise ValueError("engine.weight_sync: 'tensor' hands CUDA IPC handles to colocated SGLang engines; "
+                             "it needs engine.kind=sglang and ray.placement=colocated (else use distributed or disk)")
+        if e.weight_sync == "distributed" and e.kind == "external":
+            raise ValueError("engine.weight_sync: 'distributed' needs engines relayrl launches (engine.kind cpu or "
+                             "sglang); for external servers use disk")
+        if e.kind == "sglang" and e.sglang.tp_size > self.ray.gpus_per_node:
+            raise ValueError(f"engine.sglang.tp_size ({e.sglang.tp_size}) exceeds ray.gpus_per_node "
+                             f"({self.ray.gpus_per_node}); an engine must fit on one node")
         if self.engine.kind == "external" and not self.engine.urls:
             raise ValueError("engine.urls: engine.kind=external needs the servers' base URLs")
         if self.rollout.max_context_tokens > self.engine.max_seq_len:

@@ -30,7 +30,26 @@ from .pool import CpuTeacherLoader, PoolBudgetError, TeacherPool
 from .routing import Router, check_same_tokenizer
 from .signal import clipped_fraction, opd_advantages, sampled_reverse_kl
 
-TeacherPoolActor = ray.remote(TeacherPool)
+
+
+@ray.remote
+class TeacherPoolActor:
+    """A ``TeacherPool`` in its own process (an async actor: one step's scoring awaits many
+    engine requests at once)."""
+
+    def __init__(self, *args: Any) -> None:
+        self.pool = TeacherPool(*args)
+
+    async def score(self, requests: list[tuple[str, list[int]]], temperature: float) -> list[list[float]]:
+        return await self.pool.score_async(requests, temperature)
+
+    async def stats(self) -> dict[str, float]:
+        return self.pool.stats()
+
+    async def close(self) -> None:
+        self.pool.close()
+
+
 STUDENT_DIR = "student"
 
 
@@ -121,7 +140,7 @@ def distill_advantages(subs: list[SubTrace], samples: list[dict[str, torch.Tenso
     # The per-teacher weight scales the coefficient row by row.
     coef = torch.tensor([d.coef * router.weight_of(s.domain) for s in subs])[:, None]
     task = pad([s["advantages"] for s in samples]) if d.add_task_advantage else None
-    adv = opd_advantages(student, teacher, masks, coef, d.advantage_clip, task)
+    adv = opd_advantages(student, teacher, masks, coef, d.advantage_clip, task, baseline=d.baseline)
     for i, s in enumerate(samples):
         s["advantages"] = adv[i, : len(s["tokens"])].clone()
     kl = sampled_reverse_kl(student, teacher, masks)

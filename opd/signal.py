@@ -21,6 +21,16 @@ loss as RL (``rl.losses.policy_loss``). The per-token form (no return over later
 the usual choice in on-policy distillation (Thinking Machines 2025, "On-Policy Distillation");
 each token is credited with its own divergence only.
 
+A baseline (optional, ``subtract_baseline``): the distillation advantage of a token the teacher
+dislikes is large and negative, and from a student far from its teacher almost every sampled
+token is one, so the raw signal is mostly "push down what you sampled", a high-variance way to
+find the teacher's mode. Subtracting the batch mean b of the distillation advantages (a
+constant baseline, Williams 1992, "Simple statistical gradient-following algorithms", §4;
+E[grad log pi(x) * b] = 0, so the expected gradient is unchanged up to the O(1/N) dependence
+of b on the sample itself) leaves the few tokens the teacher likes clearly positive:
+
+    adv_t = clip(-coef * (logp_s - logp_T), -c, c) - b + A_task_t,   b = mean over action tokens
+
 Every function returns 0 where ``loss_mask`` is 0 (prompt, observations, padding), whatever sits
 in those positions.
 """
@@ -41,6 +51,7 @@ def opd_advantages(
     coef: float | torch.Tensor,
     clip: float | None = None,
     task_advantages: torch.Tensor | None = None,
+    baseline: bool = False,
 ) -> torch.Tensor:
     """Per-token distillation advantages (module docstring).
 
@@ -53,6 +64,7 @@ def opd_advantages(
         clip:             c > 0 bounds the distillation term to [-c, c] before the task
                           advantage is added; None = no clip.
         task_advantages:  (b, t) A_task to add, or None.
+        baseline:         subtract the batch mean of the (clipped) distillation term first.
 
     Returns:
         (b, t) adv_t, 0 where loss_mask is 0.
@@ -65,9 +77,22 @@ def opd_advantages(
     adv = -coef * _masked(student_logprobs - teacher_logprobs, mask)
     if clip is not None:
         adv = adv.clamp(-clip, clip)
+    if baseline:
+        adv = subtract_baseline(adv, mask)
     if task_advantages is not None:
         adv = adv + _masked(task_advantages, mask)
     return _masked(adv, mask)
+
+
+def subtract_baseline(advantages: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """(b, t) ``advantages - mean`` where the mean is over the action tokens of the whole batch
+    (module docstring); 0 where ``loss_mask`` is 0 (and all 0 for a batch without action tokens)."""
+    mask = loss_mask.bool()
+    n = mask.sum()
+    if int(n) == 0:
+        return torch.zeros_like(advantages)
+    mean = _masked(advantages, mask).sum() / n
+    return _masked(advantages - mean, mask)
 
 
 def opd_advantages_reference(
@@ -77,6 +102,7 @@ def opd_advantages_reference(
     coef: float | torch.Tensor,
     clip: float | None = None,
     task_advantages: torch.Tensor | None = None,
+    baseline: bool = False,
 ) -> torch.Tensor:
     """``opd_advantages`` written one token at a time, the definition it is tested against."""
     b, t = student_logprobs.shape
@@ -89,9 +115,19 @@ def opd_advantages_reference(
             a = -float(coefs[i, j]) * (float(student_logprobs[i, j]) - float(teacher_logprobs[i, j]))
             if clip is not None:
                 a = min(max(a, -clip), clip)
-            if task_advantages is not None:
-                a += float(task_advantages[i, j])
             out[i, j] = a
+    if baseline:
+        picked = [float(out[i, j]) for i in range(b) for j in range(t) if bool(loss_mask[i, j])]
+        mean = sum(picked) / len(picked) if picked else 0.0
+        for i in range(b):
+            for j in range(t):
+                if bool(loss_mask[i, j]):
+                    out[i, j] -= mean
+    if task_advantages is not None:
+        for i in range(b):
+            for j in range(t):
+                if bool(loss_mask[i, j]):
+                    out[i, j] += float(task_advantages[i, j])
     return out
 
 

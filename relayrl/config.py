@@ -434,6 +434,9 @@ class DistillConfig(_Section):
     """Distillation coefficient: adv_t = -coef * weight * (logp_student(x_t) - logp_teacher(x_t))."""
     advantage_clip: float | None = Field(5.0, gt=0)
     """Bound of the distillation advantage to [-c, c] (before a task advantage is added); None = off."""
+    baseline: bool = True
+    """Subtract the batch mean of the distillation advantages (a constant baseline: the same
+    expected gradient, far less variance when the student is far from its teachers)."""
     add_task_advantage: bool = False
     """Also add the task advantage (``algorithm.estimator``: gae trains a critic, grpo needs
     ``rollout.group_size`` >= 2) to the distillation advantage."""

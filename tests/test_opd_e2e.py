@@ -79,11 +79,11 @@ def write_config(tmp: Path, base: Path, teachers: list[Path], tasks: Path) -> Pa
 run: {{name: opd, output_dir: {tmp / 'runs'}, seed: 0, deterministic: true}}
 model: {{path: {base}}}
 ray: {{num_cpus: 2}}
-engine: {{max_batch_size: 64, max_seq_len: 64, num_threads: 1}}
+engine: {{max_batch_size: 128, max_seq_len: 64, num_threads: 1}}
 env: {{name: relayrl.opd.env:PromptEnv, tasks: {tasks}}}
-rollout: {{parser: plain, tasks_per_step: 40, group_size: 1, max_turns: 1, max_new_tokens: 2,
-          max_context_tokens: 64, episodes_per_worker: 64, temperature: 1.0}}
-algorithm: {{estimator: gae, kl_coef: 0.0, ppo_epochs: 2, num_minibatches: 2}}
+rollout: {{parser: plain, tasks_per_step: 40, group_size: 8, max_turns: 1, max_new_tokens: 2,
+          max_context_tokens: 64, episodes_per_worker: 320, temperature: 1.0}}
+algorithm: {{estimator: gae, kl_coef: 0.0, ppo_epochs: 4, num_minibatches: 1}}
 trainer: {{zero_stage: 2, micro_batch_size: 64, num_threads: 1, policy: {{lr: 1.0e-2, grad_clip: 1.0}}}}
 train: {{steps: 25, save_every: 25}}
 logging: {{wandb: disabled, progress: false}}

@@ -45,6 +45,19 @@ def test_clip_bounds_the_distillation_term_then_the_task_advantage_adds():
     assert float(clipped_fraction(STUDENT, TEACHER, MASK, 2.0, None)) == 0.0
 
 
+def test_baseline_subtracts_the_batch_mean_of_the_distillation_term():
+    # clip 3 gives [0, 1, -3, 0]; mean over the 3 action tokens = (1 - 3 + 0) / 3 = -2/3
+    # -> [0, 1 + 2/3, -3 + 2/3, 0 + 2/3] = [0, 5/3, -7/3, 2/3]; the task advantage adds after
+    adv = opd_advantages(STUDENT, TEACHER, MASK, 2.0, clip=3.0, baseline=True)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 5 / 3, -7 / 3, 2 / 3]]), rtol=0, atol=1e-6)
+    task = torch.tensor([[9.0, 0.5, 0.5, 0.5]])
+    adv = opd_advantages(STUDENT, TEACHER, MASK, 2.0, clip=3.0, task_advantages=task, baseline=True)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 13 / 6, -11 / 6, 7 / 6]]), rtol=0, atol=1e-6)
+    # no action token at all: zeros, not nan
+    assert torch.equal(opd_advantages(STUDENT, TEACHER, torch.zeros_like(MASK), 2.0, baseline=True),
+                       torch.zeros(1, 4))
+
+
 def test_per_row_coefficient():
     # Row 0 weight 1, row 1 weight 0.5, same log ratios as above (coef 2 x weight):
     # row 0: [0, 1, -4, 0] / 2 * 2 = [0, 1, -4, 0]; row 1: halved -> [0, 0.5, -2, 0]
@@ -64,7 +77,8 @@ def test_bad_arguments_raise():
 
 @pytest.mark.parametrize("clip", [None, 0.7])
 @pytest.mark.parametrize("with_task", [False, True])
-def test_equals_the_per_token_reference(clip, with_task):
+@pytest.mark.parametrize("baseline", [False, True])
+def test_equals_the_per_token_reference(clip, with_task, baseline):
     g = torch.Generator().manual_seed(3)
     b, t = 5, 9
     s = -torch.rand(b, t, generator=g) * 4
@@ -72,8 +86,8 @@ def test_equals_the_per_token_reference(clip, with_task):
     mask = (torch.rand(b, t, generator=g) > 0.3).long()
     coef = torch.rand(b, 1, generator=g) * 2
     task = torch.randn(b, t, generator=g) if with_task else None
-    fast = opd_advantages(s, te, mask, coef, clip, task)
-    ref = opd_advantages_reference(s, te, mask, coef, clip, task)
+    fast = opd_advantages(s, te, mask, coef, clip, task, baseline)
+    ref = opd_advantages_reference(s, te, mask, coef, clip, task, baseline)
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-6)
 
 

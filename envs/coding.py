@@ -200,6 +200,12 @@ class CodingEnv:
 
     # ---- episode ----
 
+    @property
+    def sandbox(self) -> Sandbox | None:
+        """The episode's sandbox (after ``reset``): black-box agent harnesses run in it, so
+        ``score`` grades what they did (``rollout/blackbox.py``)."""
+        return self._sandbox
+
     async def reset(self, task: dict[str, Any]) -> Reset:
         self.check_task(task)
         self._task = task

@@ -186,6 +186,13 @@ class Job:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"env.kwargs: the environment {self.cfg.env.name!r} rejected its arguments "
                               f"{self.cfg.env.kwargs}: {e}. Fix env.kwargs.") from None
+        if self.cfg.blackbox.enabled:
+            from relayrl.rollout.blackbox import check_blackbox_env
+
+            try:
+                check_blackbox_env(env)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.tasks = load_tasks(self.cfg.env, type(env), self.cfg.run.seed)
         preflight_env(env)
         if self.cfg.trainer.backend == "megatron":

@@ -122,6 +122,23 @@ def check_blackbox_config(cfg: BlackboxConfig) -> None:
                          f"{', '.join(SandboxLimits.__dataclass_fields__)}")
 
 
+def check_blackbox_env(env: Any) -> None:
+    """Raise ValueError naming the key when the env's own sandbox cannot host the agent: it
+    must be local with ``loopback: true`` (the bridge's forwarder) and limits for a whole run."""
+    spec = getattr(env, "sandbox_spec", None)
+    if not hasattr(env, "sandbox") or (spec is not None and not isinstance(spec, dict)):
+        return
+    spec = dict(spec or {})
+    if spec.get("kind", "local") != "local":
+        raise ValueError(f"env.kwargs.sandbox.kind: black-box agents run in the env's sandbox, which must be local "
+                         f"(got {spec.get('kind')!r}); the proxy reaches it through a Unix socket on this host")
+    if not spec.get("loopback"):
+        raise ValueError("env.kwargs.sandbox.loopback: black-box agents run in the env's sandbox, whose network "
+                         "namespace needs its loopback up for the proxy's forwarder; set "
+                         "env.kwargs.sandbox={loopback: true, timeout_s: 600, cpu_seconds: 600} (the agent is one "
+                         "command there, so its limits are the whole run's)")
+
+
 def agent_command(cfg: BlackboxConfig, key: str) -> str:
     """The shell line run in the sandbox: the forwarder, then the user's command with the
     endpoint in its environment."""

@@ -7,6 +7,7 @@ still scored, and bad black-box settings are start-up errors."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -188,3 +189,36 @@ def test_train_refuses_bad_blackbox_settings_with_exit_code_2(tmp_path, tiny_mod
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "blackbox.sandbox.kind" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_in_the_coding_env_the_harness_works_in_the_graded_sandbox(parts, tmp_path):
+    """The coding env exposes its sandbox, so the harness runs where ``score`` looks: a harness
+    that writes the task's reference solution with its own tools (no relayrl tool calls) scores
+    1.0, one that does nothing scores less; the endpoint is reachable from there too."""
+    from relayrl.envs.coding import CodingEnv
+
+    _, chat = parts
+    task = CodingEnv.default_tasks()[0]
+    writer = tmp_path / "solve.py"
+    writer.write_text(
+        "import json, os, pathlib, urllib.request\n"
+        f"for f in json.loads({json.dumps(json.dumps(task['solution']))}):\n"
+        "    pathlib.Path(f['path']).parent.mkdir(parents=True, exist_ok=True)\n"
+        "    pathlib.Path(f['path']).write_text(f['content'])\n"
+        "r = urllib.request.Request(os.environ['OPENAI_BASE_URL'] + '/models',\n"
+        "                           headers={'Authorization': 'Bearer ' + os.environ['OPENAI_API_KEY']})\n"
+        "print('proxy', urllib.request.urlopen(r, timeout=10).status)\n")
+    kwargs = {"sandbox": {"loopback": True, "timeout_s": 120, "cpu_seconds": 60}}
+
+    def run(command: str):
+        bb = BlackboxConfig(enabled=True, command=command, timeout_s=120, upload=[str(writer)])
+        return asyncio.run(run_blackbox_episode(EpisodeJob(task, 0, seed=0), CodingEnv(**kwargs), parts[0], chat,
+                                                PlainParser(), LIMITS, bb, provider=None))
+    solved = run("python $RELAYRL_AGENT_DIR/solve.py")
+    assert solved.reward == 1.0 and solved.metrics["blackbox/agent_failed"] == 0.0, solved.metrics
+    idle = run("true")
+    assert idle.reward < 1.0
+    with pytest.raises(ValueError, match=r"env\.kwargs\.sandbox\.loopback"):
+        from relayrl.rollout.blackbox import check_blackbox_env
+
+        check_blackbox_env(CodingEnv())

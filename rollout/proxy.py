@@ -180,7 +180,6 @@ class EpisodeProxy:
         self.error: BaseException | None = None  # an engine/env failure that fails the episode
         self.seconds_in_engine = 0.0
         self._returned: dict[str, list[str]] = {}  # assistant key -> sampled texts
-        self._last_trace: int | None = None
         self._lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
 
@@ -250,13 +249,15 @@ class EpisodeProxy:
             raise ProxyError(400, "the body must be a JSON object")
         if body.get("stream"):
             raise ProxyError(400, "stream: streaming is not supported by the relayrl proxy; send stream=false")
-        if int(body.get("n") or 1) != 1:
+        if body.get("n") not in (None, 1):
             raise ProxyError(400, "n: the relayrl proxy samples one choice per request")
         tools = body.get("tools") or None
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
             raise ProxyError(400, "tools: must be a list of tool schemas (objects)")
         tools_key = json.dumps(tools, sort_keys=True)
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise ProxyError(400, "max_tokens: must be a positive integer")
         async with self._lock:  # the bookkeeping of one episode's calls happens in arrival order
             try:
                 tr, call_index = self._open(body.get("messages"), tools, tools_key)
@@ -264,7 +265,7 @@ class EpisodeProxy:
                 raise ProxyError(400, f"the chat template cannot render this request: {e}") from None
             budget = min(self.settings.max_new_tokens, self.settings.max_context_tokens - len(tr.ctx.tokens))
             if cap is not None:
-                budget = min(budget, max(int(cap), 1))
+                budget = min(budget, cap)
             prompt = list(tr.ctx.tokens)
             tr.busy = True
         sampling = SamplingParams(max_new_tokens=budget, temperature=self.settings.temperature,

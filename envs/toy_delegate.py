@@ -1,14 +1,20 @@
-"""A toy task that needs a sub-agent: the main agent must say a word it is never shown.
+"""A toy task that needs a sub-agent: some of the words the main agent must say it is never shown.
 
-``toy_delegate`` (with ``subagents.enabled``): the main agent reads "answer the word" and nothing
-else; the word (one of ``w0..w3``, drawn per task) is in the start a sub-agent gets
-(``subagent_reset``: "say w2"), as a retrieval tool or a file would hold it in a real task. The
-main agent's one answer ends the episode: reward 1 if its first word is the secret, 0
-otherwise. Without a sub-agent no policy beats chance (1/4); with one, the episode is three
-learned steps: call the sub-agent (the ``DelegateParser`` reads a reply starting with ``call``
-as ``spawn_subagent``), the child repeats the word it was shown (its reply is its answer,
-``FinalAnswerParser``), and the parent copies the answer it reads back. The child's tokens are
-credited only through the parent's value where the answer returns (``rl/batching.py``).
+``toy_delegate`` (with ``subagents.enabled``) is ``toy_echo`` with hidden turns. Each of
+``num_turns`` turns the main agent must answer one word (``w0..w3``): on a *direct* turn it is
+shown "say w2", as in ``toy_echo``; on a *hidden* turn (about half) it reads only "answer the
+word", and the word is in the start a sub-agent gets (``subagent_reset``: "say w2"), as a
+retrieval tool or a file would hold it in a real task. The reward is the fraction of turns
+answered right (first word).
+
+On hidden turns no policy without a sub-agent beats chance (1/4). With one, a hidden turn is
+three learned steps: delegate (``DelegateParser`` reads a reply that does not start with a word
+as ``spawn_subagent``, so a random policy delegates often), the child repeats the word it was
+shown (its reply is its answer, ``FinalAnswerParser``), and the parent copies the answer it reads
+back. The direct turns teach "repeat the word you are shown", the skill both the child and the
+parent then use. The child's tokens get their credit only through the parent's value where its
+answer returns (``rl/batching.py``). ``score`` reports ``hidden_turns``, ``hidden_correct`` and
+``hidden_delegated`` so the hidden turns can be read apart.
 """
 
 from __future__ import annotations
@@ -22,49 +28,74 @@ from relayrl.types import ToolCall
 from .base import Reset, Score, StepResult
 from .toy import ANSWER_TOOL
 
+HIDDEN_PROMPT = "answer the word"
+
 
 @envs.register("toy_delegate")
 class ToyDelegateEnv:
-    """Say the secret word only a sub-agent sees.
+    """Say each turn's word; on hidden turns only a sub-agent is shown it.
 
     Args:
-        system_prompt: the main agent's system message.
+        num_turns: turns per episode.
+        system_prompt: the main agent's (and the sub-agents') system message.
     """
 
-    DEFAULT_SYSTEM = "call a tool"
+    DEFAULT_SYSTEM = "repeat the word"
 
-    def __init__(self, system_prompt: str | None = None) -> None:
+    def __init__(self, num_turns: int = 3, system_prompt: str | None = None) -> None:
+        if num_turns < 1:
+            raise ValueError("num_turns must be >= 1")
+        self.num_turns = num_turns
         self.system_prompt = system_prompt or self.DEFAULT_SYSTEM
-        self._secret = ""
-        self._correct = 0
-        self._children = 0
+        self._targets: list[str] = []
+        self._hidden: list[bool] = []
+        self._delegated: list[bool] = []
+        self._turn = self._correct = self._hidden_correct = 0
 
     @staticmethod
-    def default_tasks(num_tasks: int = 256, seed: int = 0, words: list[str] | None = None) -> list[dict[str, Any]]:
+    def default_tasks(num_tasks: int = 256, seed: int = 0, words: list[str] | None = None,
+                      num_turns: int = 3) -> list[dict[str, Any]]:
         words = words or [f"w{i}" for i in range(4)]
         rng = random.Random(seed)
-        return [{"id": f"delegate-{i}", "secret": rng.choice(words), "domain": "delegate"} for i in range(num_tasks)]
+        return [{"id": f"delegate-{i}", "targets": [rng.choice(words) for _ in range(num_turns)],
+                 "hidden": [rng.random() < 0.5 for _ in range(num_turns)], "domain": "delegate"}
+                for i in range(num_tasks)]
+
+    def _prompt(self) -> str:
+        return HIDDEN_PROMPT if self._hidden[self._turn] else f"say {self._targets[self._turn]}"
 
     async def reset(self, task: dict[str, Any]) -> Reset:
-        self._secret = str(task["secret"])
-        self._correct = self._children = 0
+        if len(task["targets"]) < self.num_turns or len(task["hidden"]) < self.num_turns:
+            raise ValueError(f"task {task.get('id')}: needs {self.num_turns} targets and hidden flags")
+        self._targets = list(task["targets"][: self.num_turns])
+        self._hidden = [bool(h) for h in task["hidden"][: self.num_turns]]
+        self._delegated = [False] * self.num_turns
+        self._turn = self._correct = self._hidden_correct = 0
         return Reset(messages=[{"role": "system", "content": self.system_prompt},
-                               {"role": "user", "content": "answer the word"}], tools=[ANSWER_TOOL])
+                               {"role": "user", "content": self._prompt()}], tools=[ANSWER_TOOL])
 
     async def subagent_reset(self, task: str) -> Reset:
-        """A sub-agent's start: it is shown the word (and has no tools: its reply is its answer)."""
-        self._children += 1
-        return Reset(messages=[{"role": "system", "content": "repeat the word"},
-                               {"role": "user", "content": f"say {self._secret}"}], tools=[])
+        """A sub-agent's start: it is shown this turn's word (and has no tools: its reply is its
+        answer)."""
+        self._delegated[self._turn] = True
+        return Reset(messages=[{"role": "system", "content": self.system_prompt},
+                               {"role": "user", "content": f"say {self._targets[self._turn]}"}], tools=[])
 
     async def step(self, call: ToolCall) -> StepResult:
         words = str(call.arguments.get("text", "")).split() if call.name == "answer" else []
-        self._correct = int(bool(words) and words[0] == self._secret)
-        return StepResult(observation="", done=True)
+        if words and words[0] == self._targets[self._turn]:
+            self._correct += 1
+            self._hidden_correct += self._hidden[self._turn]
+        self._turn += 1
+        if self._turn >= self.num_turns:
+            return StepResult(observation="", done=True)
+        return StepResult(observation=self._prompt())
 
     async def score(self) -> Score:
-        return Score(reward=float(self._correct), details={"correct": float(self._correct),
-                                                            "children": float(self._children)})
+        return Score(reward=self._correct / self.num_turns, details={
+            "correct_turns": float(self._correct), "hidden_turns": float(sum(self._hidden)),
+            "hidden_correct": float(self._hidden_correct),
+            "hidden_delegated": float(sum(d and h for d, h in zip(self._delegated, self._hidden, strict=True)))})
 
     async def close(self) -> None:
         return None
@@ -72,14 +103,14 @@ class ToyDelegateEnv:
 
 @parsers.register("toy_delegate")
 class DelegateParser:
-    """A reply whose first word is ``call`` starts a sub-agent (the rest is its task); any
-    other reply is the ``answer`` tool's text."""
+    """A reply whose first word is one of the words (``w0``, ``w1``, ...) is the ``answer``
+    tool's text; any other reply starts a sub-agent, with the reply as its task."""
 
     def parse(self, text: str) -> ToolCall:
         words = text.split()
-        if words and words[0] == "call":
-            return ToolCall("spawn_subagent", {"task": " ".join(words[1:]) or "the word"}, raw=text)
-        return ToolCall("answer", {"text": text.strip()}, raw=text)
+        if words and words[0].startswith("w") and words[0][1:].isdigit():
+            return ToolCall("answer", {"text": text.strip()}, raw=text)
+        return ToolCall("spawn_subagent", {"task": text.strip() or "the word"}, raw=text)
 
     def format_tools(self, tools: list[dict]) -> str:
         return ""

@@ -20,6 +20,9 @@ What this opens, and what it does not: the command can reach the proxy of its ow
 nothing else (no route leaves its namespace; other episodes' sockets live in other sandboxes'
 workspaces, under other uids); every request needs the episode's key. Through the proxy it can
 ask the policy for completions (the point) and run the env's tools (through the anti-hack gate).
+On a host that allows no namespaces (sandbox mode ``none``, announced loudly at start-up) there
+is no namespace of its own: the forwarder's port is then on the host's loopback, where any local
+process could reach it, and only the per-episode key keeps them out.
 It can flood the proxy with calls: ``blackbox.max_calls`` and ``blackbox.max_sub_traces`` bound
 what one episode records. Tools the harness runs itself are not seen by the gate (see
 ``rollout/proxy.py``); the sandbox's limits bound them.

@@ -12,6 +12,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +26,7 @@ from relayrl.model import resolve_model_path
 from relayrl.rollout.buffer import Buffer
 from relayrl.rollout.compaction import make_compactor
 from relayrl.rollout.client import HttpEngineClient
+from relayrl.rollout.sglang_engine import launch_engines
 from relayrl.rollout.worker import RolloutWorkerActor, make_env_factory, make_parser
 from relayrl.types import SubTrace, Trajectory
 
@@ -41,6 +43,14 @@ async def _update_engines(urls: list[str], path: str, version: int, timeout_s: f
     client = HttpEngineClient(urls, timeout_s=timeout_s)
     try:
         await client.update_weights(path, version)
+    finally:
+        await client.close()
+
+
+async def _engine_version(urls: list[str], timeout_s: float) -> int:
+    client = HttpEngineClient(urls, timeout_s=timeout_s)
+    try:
+        return await client.weight_version()
     finally:
         await client.close()
 
@@ -197,9 +207,9 @@ class Job:
         preflight_env(env)
         if self.cfg.trainer.backend == "megatron":
             check_megatron_available()
-        if self.cfg.engine.kind == "sglang":
-            raise ConfigError("engine.kind: 'sglang' engines need GPUs and the sglang extra; "
-                              "use engine.kind=cpu here or engine.kind=external with engine.urls")
+        if self.cfg.engine.kind == "sglang" and not self.cfg.ray.address and not torch.cuda.is_available():
+            raise ConfigError("engine.kind: 'sglang' launches SGLang servers on GPUs and this machine has none; "
+                              "use engine.kind=cpu here, engine.kind=external with engine.urls, or ray.address of a GPU cluster")
 
     def _start_ray(self) -> None:
         if ray.is_initialized():
@@ -222,29 +232,34 @@ class Job:
                                     cfg.model_dump(mode="json"), resume=cfg.run.resume,
                                     resume_step=self.state.step, total_steps=cfg.train.steps)
 
-        if cfg.engine.kind == "cpu":
-            from relayrl.rollout.engine_actor import launch_cpu_engines
-
-            # On one box Ray's CPU accounting would serialise engine and trainers, which take turns
-            # anyway; they reserve no CPU and set their own thread counts instead.
-            engine_cfg = cfg.engine.model_copy(update={"num_threads": cfg.engine.num_threads or os.cpu_count()})
-            self._engine_actors, urls = launch_cpu_engines(engine_cfg, self.model_path, num_cpus_per_engine=0,
-                                                           seed=cfg.run.seed)
-        else:
-            urls = list(cfg.engine.urls)
-        self.engine_urls = urls
+        # On one box Ray's CPU accounting would serialise engine and trainers, which take turns
+        # anyway; CPU engines reserve no CPU and set their own thread counts instead. GPU jobs
+        # (SGLang engines) place trainers and engines by ray.placement (rl/placement.py).
+        self._placement = self._reserve_gpus() if cfg.engine.kind == "sglang" else None
+        self.fleet = launch_engines(cfg, self.model_path, str(self.run_dir / "engine_logs"),
+                                    self._placement, seed=cfg.run.seed)
+        urls = self.fleet.urls if self.fleet is not None else list(cfg.engine.urls)
+        self.engine_urls = self.fleet.update_urls if self.fleet is not None else urls
+        self._last_health_check = time.monotonic()
 
         self.buffer = BufferActor.options(num_cpus=0).remote(
             str(self.run_dir), cfg.rollout.group_size, cfg.rollout.max_weight_lag)
-        self.workers = [
-            RolloutWorkerActor.options(num_cpus=0).remote(
+        def new_worker(_: int = 0) -> Any:
+            return RolloutWorkerActor.options(num_cpus=0).remote(
                 cfg.rollout, cfg.env, self.model_path, urls, self.buffer, cfg.engine.request_timeout_s,
                 cfg.compaction, cfg.antihack, cfg.blackbox, cfg.subagents)
-            for _ in range(cfg.rollout.num_workers)
-        ]
+
+        self._new_worker = new_worker
+        self.workers = [new_worker() for _ in range(cfg.rollout.num_workers)]
 
         tc = cfg.trainer
-        place = {"num_cpus_per_rank": 0, "num_threads": tc.num_threads or os.cpu_count()}
+        place: dict[str, Any] = {"num_cpus_per_rank": 0, "num_threads": tc.num_threads or os.cpu_count()}
+        if self._placement is not None:
+            from .placement import strategy
+
+            plan, pg = self._placement
+            place.update(num_gpus_per_rank=plan.trainer_gpus,
+                         scheduling=[strategy(pg, b) for b in plan.trainer_bundle])
         self.policy = TrainerGroup("policy", self.model_path, tc, tc.policy, cfg.model.dtype, seed=cfg.run.seed, **place)
         if cfg.algorithm.estimator == "gae":
             critic_path = str(resolve_model_path(cfg.model.critic_path, cfg.model.cache_dir)) \
@@ -264,7 +279,8 @@ class Job:
                 self.critic.load(str(latest / "critic"))
             ray.get(self.buffer.restore.remote(self.state.consumed))
             held = set(ray.get(self.buffer.known_trajectory_ids.remote()))
-        self.rollouts = RolloutScheduler(cfg, self.workers, self.buffer, self.tasks, self.state.slot_cursor)
+        self.rollouts = RolloutScheduler(cfg, self.workers, self.buffer, self.tasks, self.state.slot_cursor,
+                                         respawn_worker=self._new_worker, on_wait=self.supervise_engines)
         if cfg.run.resume:
             self.rollouts.resume(set(self.state.consumed), held)
         self._weights_dir = _weights_root(cfg.run.name)
@@ -312,14 +328,77 @@ class Job:
         return {f"{prefix}/{k}": v / max(n_updates, 1) for k, v in totals.items()}
 
     def sync_weights(self, version: int) -> None:
-        """Trainer -> every engine: write the policy's weights once, engines load them."""
+        """Trainer -> every engine, by ``engine.weight_sync``: ``disk`` writes the policy's weights
+        once and the engines load them; ``distributed`` broadcasts them from the trainer's rank 0."""
         assert self._weights_dir is not None
+        e = self.cfg.engine
+        if e.weight_sync in ("distributed", "tensor") and self.fleet is not None:
+            bucket = e.weight_sync_bucket_mb * 2**20
+            for attempt in range(2):
+                # Dead engines first: a broadcast would wait for them. One that dies during the
+                # sync fails it; it is then restarted (from the current, pre-sync weights) and
+                # the sync is made once more with a new group.
+                self.supervise_engines(force=True)
+                try:
+                    if e.weight_sync == "distributed":
+                        self.policy.sync_weights_distributed(self.engine_urls, self.fleet.engine_tp,
+                                                             "nccl" if e.kind == "sglang" else "gloo", version,
+                                                             bucket, e.request_timeout_s)
+                    else:
+                        self.policy.sync_weights_tensor(self.engine_urls, self.fleet.engine_tp, version, bucket,
+                                                        e.request_timeout_s)
+                    break
+                except ray.exceptions.RayTaskError:
+                    if attempt == 1 or not self.fleet.dead():
+                        raise
+            self._engine_version = asyncio.run(_engine_version(self.engine_urls, e.request_timeout_s))
+            return
         path = self._weights_dir / f"v{version:06d}"
         self.policy.export_hf(str(path))
-        asyncio.run(_update_engines(self.engine_urls, str(path), version, self.cfg.engine.request_timeout_s))
+        asyncio.run(_update_engines(self.engine_urls, str(path), version, e.request_timeout_s))
+        if self.fleet is not None:
+            self._engine_version = asyncio.run(_engine_version(self.engine_urls, e.request_timeout_s))
         for old in self._weights_dir.glob("v*"):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _reserve_gpus(self) -> tuple[Any, Any]:
+        from .placement import plan_placement, reserve
+
+        cfg = self.cfg
+        roles = 1 + int(cfg.algorithm.estimator == "gae") + int(cfg.algorithm.kl_coef > 0)
+        try:
+            plan = plan_placement(cfg.ray.placement, cfg.trainer.world_size, cfg.engine.num_engines,
+                                  cfg.engine.sglang.tp_size, roles, cfg.ray.gpus_per_node, cpus_per_bundle=0)
+            return plan, reserve(plan)
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(str(err)) from None
+
+    def supervise_engines(self, force: bool = False) -> list[int]:
+        """Restart dead engines with the current weights (probed every engine.health_check_interval_s).
+
+        The current weights are the policy's (the driver is not training while it waits for
+        rollouts), exported to disk for the relaunch; the weight-sync group is remade next sync."""
+        if self.fleet is None:
+            return []
+        now = time.monotonic()
+        if not force and now - self._last_health_check < self.cfg.engine.health_check_interval_s:
+            return []
+        self._last_health_check = now
+        if not self.fleet.dead():
+            return []
+        version = self.state.weight_version
+        path = None
+        if version > 0:
+            assert self._weights_dir is not None
+            path = str(self._weights_dir / f"v{version:06d}")
+            if not Path(path).is_dir():
+                self.policy.export_hf(path)
+        restarted = self.fleet.supervise(path, version if version > 0 else None)
+        self.engine_urls = self.fleet.update_urls
+        if restarted and self.cfg.engine.weight_sync == "distributed":
+            self.policy.reset_weight_sender()
+        return restarted
 
     def record_verdicts(self, step: int, groups: list[list[Trajectory]]) -> dict[str, float]:
         """Append the step's anti-hack verdicts to the audit log; their counts as metrics."""
@@ -340,7 +419,13 @@ class Job:
                 "perf/response_tokens": float(response)}
 
     def buffer_stats(self) -> dict[str, float]:
-        return {k: float(v) for k, v in ray.get(self.buffer.stats.remote()).items()}
+        """The buffer's counters, and the run's fault counters (restarted workers and engines)."""
+        out = {k: float(v) for k, v in ray.get(self.buffer.stats.remote()).items()}
+        out["rollout/worker_restarts"] = float(self.rollouts.worker_restarts)
+        out["engine/restarts"] = float(self.fleet.restarts if self.fleet is not None else 0)
+        if getattr(self, "_engine_version", None) is not None:
+            out["engine/min_weight_version"] = float(self._engine_version)  # the oldest server's, after the sync
+        return out
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         assert self.logger is not None
@@ -370,6 +455,17 @@ class Job:
                     group.shutdown()
                 except Exception:
                     pass
+        if getattr(self, "fleet", None) is not None:
+            self.fleet.shutdown()
+            self.fleet = None
+        if getattr(self, "_placement", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self._placement[1])
+            except Exception:
+                pass
+            self._placement = None
         for actor in self._engine_actors:
             try:
                 ray.get(actor.shutdown.remote(), timeout=30)

@@ -9,7 +9,7 @@ training: on-policy.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -21,10 +21,26 @@ from .data import TaskOrder, jobs_for_slots
 
 
 class RolloutScheduler:
+    """Issues episodes to the workers and waits for each step's groups.
+
+    Fault tolerance: a worker whose actor dies (``RayActorError``) is replaced by
+    ``respawn_worker(i)`` and its unfinished episodes (those of its lost calls whose trajectories
+    the buffer neither holds nor has handed out) are issued again to the replacement, at most
+    ``max_worker_restarts`` times per run. Finished trajectories live in the buffer actor and its
+    fsynced file, so none is lost with the worker. ``on_wait()`` runs about once a second while
+    ``collect`` waits (the job probes and restarts engines there).
+    """
+
     def __init__(self, cfg: Config, workers: list[Any], buffer: Any, tasks: list[dict[str, Any]],
-                 slot_cursor: int) -> None:
+                 slot_cursor: int, respawn_worker: Callable[[int], Any] | None = None,
+                 on_wait: Callable[[], None] | None = None, max_worker_restarts: int = 3) -> None:
         self.cfg = cfg
         self.workers = workers
+        self.respawn_worker = respawn_worker
+        self.on_wait = on_wait
+        self.max_worker_restarts = max_worker_restarts
+        self.worker_restarts = 0
+        self._jobs_of: dict[ray.ObjectRef, tuple[int, list[EpisodeJob]]] = {}
         self.buffer = buffer
         self.tasks = tasks
         self.order = TaskOrder(len(tasks), cfg.run.seed)
@@ -44,9 +60,14 @@ class RolloutScheduler:
         for job in jobs:  # whole groups stay together on one worker, round-robin over groups
             chunks[(self._next_worker + job.task_index) % n].append(job)
         self._next_worker = (self._next_worker + 1) % n
-        for worker, chunk in zip(self.workers, chunks, strict=True):
+        for i, (worker, chunk) in enumerate(zip(self.workers, chunks, strict=True)):
             if chunk:
-                self._pending.append(worker.run.remote(chunk))
+                self._submit(i, chunk)
+
+    def _submit(self, i: int, chunk: list[EpisodeJob]) -> None:
+        ref = self.workers[i].run.remote(chunk)
+        self._pending.append(ref)
+        self._jobs_of[ref] = (i, chunk)
 
     def resume(self, consumed: set[str], held: set[str]) -> int:
         """Re-issue episodes that were in flight when the run stopped (neither trained on nor
@@ -72,7 +93,28 @@ class RolloutScheduler:
         if not self._pending:
             return
         done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
-        ray.get(done)  # re-raises an exception a worker died with
+        for ref in done:
+            i, chunk = self._jobs_of.pop(ref)
+            try:
+                ray.get(ref)  # re-raises an exception a worker's episodes raised
+            except ray.exceptions.RayActorError:
+                self._replace_worker(i, chunk)
+
+    def _replace_worker(self, i: int, chunk: list[EpisodeJob]) -> None:
+        if self.respawn_worker is None or self.worker_restarts >= self.max_worker_restarts:
+            raise RuntimeError(f"rollout worker {i} died and {self.worker_restarts} restarts were already made "
+                               f"(limit {self.max_worker_restarts}); see the Ray logs for why it died")
+        self.worker_restarts += 1
+        if not any(self.workers[i] is w for j, w in enumerate(self.workers) if j != i):
+            try:
+                ray.kill(self.workers[i])
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.workers[i] = self.respawn_worker(i)
+        done = set(ray.get(self.buffer.known_trajectory_ids.remote())) | set(ray.get(self.buffer.consumed_ids.remote()))
+        redo = [j for j in chunk if j.trajectory_id not in done]
+        if redo:
+            self._submit(i, redo)
 
     def collect(self, step: int, weight_version: int) -> list[list[Trajectory]]:
         """Issue this step's (and the look-ahead steps') episodes; wait for this step's groups."""
@@ -82,6 +124,8 @@ class RolloutScheduler:
         while True:
             ready, _ = ray.wait([ref], timeout=1.0)
             self._raise_worker_errors()
+            if self.on_wait is not None and not ready:
+                self.on_wait()
             if ready:
                 return ray.get(ref)
 

@@ -130,6 +130,43 @@ class TrainerActor:
     def export_hf(self, path: str) -> None:
         self.backend.export_hf(path)
 
+    def sync_weights_distributed(self, engine_urls: list[str], engine_tp: list[int], backend: str,
+                                 version: int, bucket_bytes: int, timeout_s: float) -> dict[str, float] | None:
+        """Every rank gathers (ZeRO-3 / TP); rank 0 broadcasts the full weights to the engines
+        (``rollout.sglang_engine.DistributedWeightSender``; the group is made on first use)."""
+        from relayrl.rl import distributed
+        from relayrl.rollout.sglang_engine import DistributedWeightSender
+
+        state = self.backend.state_dict_for_engine(on_this_rank=self.rank == 0)
+        if self.rank != 0:
+            return None
+        if getattr(self, "_sender", None) is not None and self._sender.broken:
+            self._sender = None  # an engine died mid-sync: its group is abandoned, a new one is made
+        if getattr(self, "_sender", None) is None:
+            ip = ray.util.get_node_ip_address()
+            self._sender_count = getattr(self, "_sender_count", 0) + 1
+            self._sender = DistributedWeightSender(engine_urls, engine_tp, ip, distributed.free_port(ip), backend,
+                                                   group_name=f"relayrl_weights_{self._sender_count}",
+                                                   timeout_s=timeout_s, device=distributed.device())
+        return self._sender.send(state, version, bucket_bytes)
+
+    def sync_weights_tensor(self, engine_urls: list[str], engine_tp: list[int], version: int, bucket_bytes: int,
+                            timeout_s: float) -> dict[str, float] | None:
+        """Colocated engines: rank 0 hands them CUDA IPC handles of the full weights (GPU only)."""
+        from relayrl.rollout.sglang_engine import ColocatedTensorSender
+
+        state = self.backend.state_dict_for_engine(on_this_rank=self.rank == 0)
+        if self.rank != 0:
+            return None
+        return ColocatedTensorSender(engine_urls, engine_tp, timeout_s).send(state, version, bucket_bytes)
+
+    def reset_weight_sender(self) -> None:
+        """Leave the weight-sync group (an engine was restarted; the next sync makes a new one)."""
+        sender = getattr(self, "_sender", None)
+        if sender is not None:
+            sender.close()
+            self._sender = None
+
     def save(self, path: str) -> None:
         self.backend.save(path)
 
@@ -148,6 +185,8 @@ class TrainerGroup:
         world_size: ranks; default ``trainer_cfg.world_size``.
         num_cpus_per_rank, num_gpus_per_rank: Ray resources of each actor.
         num_threads: torch threads of each actor; default ``num_cpus_per_rank``.
+        scheduling: per rank, a Ray scheduling strategy (its bundle of the job's placement group,
+            see ``rl.placement``); None = anywhere.
 
     Ray must be initialised (``ray.init``) by the caller.
     """
@@ -164,14 +203,16 @@ class TrainerGroup:
         num_cpus_per_rank: float = 1,
         num_gpus_per_rank: float = 0,
         num_threads: int | None = None,
+        scheduling: list[Any] | None = None,
     ) -> None:
         self.role: Role = role
         self.world_size = world_size or trainer_cfg.world_size
         self.dp_ranks = data_parallel_ranks(self.world_size, trainer_cfg)
         threads = num_threads or max(1, int(num_cpus_per_rank))
         self.actors = [
-            TrainerActor.options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank).remote(threads)
-            for _ in range(self.world_size)
+            TrainerActor.options(num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank,
+                                 **({"scheduling_strategy": scheduling[r]} if scheduling else {})).remote(threads)
+            for r in range(self.world_size)
         ]
         addr, port = ray.get(self.actors[0].rendezvous_address.remote())
         _get_all(
@@ -236,6 +277,20 @@ class TrainerGroup:
 
     def export_hf(self, path: str) -> None:
         _get_all([a.export_hf.remote(str(path)) for a in self.actors])
+
+    def sync_weights_distributed(self, engine_urls: list[str], engine_tp: list[int], backend: str, version: int,
+                                 bucket_bytes: int, timeout_s: float = 600.0) -> dict[str, float]:
+        """Broadcast the current weights from rank 0 to ``engine_urls``; rank 0's stats."""
+        return _get_all([a.sync_weights_distributed.remote(engine_urls, engine_tp, backend, version, bucket_bytes,
+                                                            timeout_s) for a in self.actors])[0]
+
+    def sync_weights_tensor(self, engine_urls: list[str], engine_tp: list[int], version: int, bucket_bytes: int,
+                            timeout_s: float = 600.0) -> dict[str, float]:
+        return _get_all([a.sync_weights_tensor.remote(engine_urls, engine_tp, version, bucket_bytes, timeout_s)
+                         for a in self.actors])[0]
+
+    def reset_weight_sender(self) -> None:
+        _get_all([a.reset_weight_sender.remote() for a in self.actors[:1]])
 
     def save(self, path: str) -> None:
         _get_all([a.save.remote(str(path)) for a in self.actors])

@@ -56,6 +56,10 @@ class EngineServerActor:
     def weight_version(self) -> int:
         return self._handle.server.engine.current_weight_version()
 
+    def health(self) -> bool:
+        """The engine loop is alive (a dead actor process raises instead; both count as down)."""
+        return self._handle.server.engine.is_healthy()
+
     def stats(self) -> dict[str, Any]:
         return dict(self._handle.server.engine.stats)
 

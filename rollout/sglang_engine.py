@@ -136,6 +136,17 @@ def _require_success(out: Any, what: str, url: str) -> None:
 # ----------------------------------------------------------------------------- processes
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies (Linux), so a
+    crashed driver or actor leaves no orphaned server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class ManagedProcess:
     """A child process in its own session (so its workers die with it), output to ``log_path``."""
 
@@ -145,7 +156,7 @@ class ManagedProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
 
     @property
     def pid(self) -> int:
@@ -286,9 +297,21 @@ class EngineServer:
 
 
 class EngineServerActor(EngineServer):
-    """``EngineServer`` under Ray (``ray.remote(num_gpus=tp)(EngineServerActor)``). In colocated
-    mode the actor holds a fraction of one GPU of its group; SGLang is then told where its group
-    starts (``--base-gpu-id``) and sees the node's GPUs (see ``rl/placement.py``)."""
+    """``EngineServer`` under Ray (``ray.remote(EngineServerActor).options(num_gpus=...)``).
+
+    Disaggregated: the actor holds its engine's ``tp`` GPUs, which Ray exposes to it (and to the
+    SGLang child) as ``CUDA_VISIBLE_DEVICES``. Colocated: the actor holds a fraction of the first
+    GPU of its group; SGLang is told where its group starts (``--base-gpu-id``) and sees the
+    node's GPUs (see ``rl/placement.py``)."""
+
+    def __init__(self, spec: ServerSpec, colocated: bool = False) -> None:
+        if colocated and spec.sglang:
+            import ray
+
+            first = int(ray.get_gpu_ids()[0])
+            spec.env = {**spec.env, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(first + spec.tp_size))}
+            spec.extra_args = [*spec.extra_args, "--base-gpu-id", str(first)]
+        super().__init__(spec)
 
 
 # ----------------------------------------------------------------------------- the router
@@ -353,11 +376,17 @@ class EngineFleet:
     servers with the current weights and swaps them back into the router.
     """
 
-    def __init__(self, servers: list[Any], router_cfg: dict[str, Any] | None = None) -> None:
+    def __init__(self, servers: list[Any], router_cfg: dict[str, Any] | None = None, respawn: Any = None,
+                 engine_tp: list[int] | None = None) -> None:
         self.servers = servers
         self.server_urls = [self._call(s, "url") for s in servers]
         self.router = Router(self.server_urls, **router_cfg) if router_cfg is not None else None
         self.restarts = 0
+        self.respawn = respawn
+        """``respawn(i, model_path, weight_version) -> server`` replaces a server whose Ray actor
+        died (it cannot be asked to restart itself); None: servers restart themselves."""
+        self.engine_tp = engine_tp or [1] * len(servers)
+        """GPUs (ranks of a weight-sync group) per server."""
 
     @staticmethod
     def _call(server: Any, method: str, *args: Any) -> Any:
@@ -397,11 +426,35 @@ class EngineFleet:
             log.warning("engine server %s is down; restarting it with weight version %s", url, weight_version)
             if self.router is not None:
                 self.router.remove_worker(url)
-            self.server_urls[i] = self._call(self.servers[i], "restart", model_path, weight_version)
+            if self.respawn is not None and (not hasattr(self.servers[i], "restart")
+                                             or not self._actor_alive(self.servers[i])):
+                self._discard(self.servers[i])
+                self.servers[i] = self.respawn(i, model_path, weight_version)
+                self.server_urls[i] = self._call(self.servers[i], "url")
+            else:
+                self.server_urls[i] = self._call(self.servers[i], "restart", model_path, weight_version)
             if self.router is not None:
                 self.router.add_worker(self.server_urls[i])
             self.restarts += 1
         return dead
+
+    @staticmethod
+    def _discard(server: Any) -> None:
+        """Kill a Ray actor whose server is down (its port is then free for the replacement)."""
+        if hasattr(getattr(server, "url", None), "remote"):
+            import ray
+
+            try:
+                ray.kill(server)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    def _actor_alive(self, server: Any) -> bool:
+        try:
+            self._call(server, "url")
+            return True
+        except Exception:  # noqa: BLE001 - RayActorError and friends
+            return False
 
     def shutdown(self) -> None:
         if self.router is not None:
@@ -411,6 +464,63 @@ class EngineFleet:
                 self._call(s, "shutdown")
             except Exception:  # noqa: BLE001 - shutting down what is already gone
                 pass
+
+
+def launch_engines(cfg: Any, model_path: str, log_dir: str, placement: Any = None, seed: int = 0) -> EngineFleet | None:
+    """The engine fleet of a job (``cfg``: the whole ``Config``), or None for ``engine.kind: external``.
+
+    ``cpu``: relayrl's CPU engine servers as Ray actors (``rollout.engine_actor``), respawned on
+    their old port when one dies. ``sglang``: one ``EngineServerActor`` per engine, each holding
+    its GPU bundle of ``placement`` (a ``(PlacementPlan, placement group)`` pair) and running one
+    SGLang server. ``engine.router`` puts the sglang-router in front of either.
+    """
+    import ray
+
+    e = cfg.engine
+    router_cfg = {"host": "127.0.0.1" if e.host in ("127.0.0.1", "localhost") else e.host,
+                  "policy": e.sglang.router_policy, "log_dir": log_dir} if e.router else None
+    if e.kind == "external":
+        return None
+    if e.kind == "cpu":
+        from urllib.parse import urlparse
+
+        from relayrl.rollout.engine_actor import EngineServerActor
+
+        threads = e.num_threads or os.cpu_count()
+        actor_cls = ray.remote(num_cpus=0)(EngineServerActor)
+
+        def spawn(i: int, path: str | None = None, version: int | None = None, port: int = 0) -> Any:
+            actor = actor_cls.remote(str(path or model_path), max_batch_size=e.max_batch_size, max_seq_len=e.max_seq_len,
+                                     num_threads=threads, host=e.host, port=port, seed=seed + i)
+            if version is not None:  # tag the reloaded weights with the version they are
+                ray.get(actor.update_weights.remote(str(path or model_path), int(version)))
+            return actor
+
+        servers = [spawn(i) for i in range(e.num_engines)]
+        fleet = EngineFleet(servers, router_cfg)
+        fleet.respawn = lambda i, path, version: spawn(i, path, version, port=urlparse(fleet.server_urls[i]).port)
+        return fleet
+
+    from relayrl.rl.placement import strategy
+
+    plan, pg = placement
+    launch = [sys.executable if a == "python" else a for a in e.sglang.launch_command]
+
+    def spawn_sglang(i: int, path: str | None = None, version: int | None = None) -> Any:
+        extra = list(e.sglang.extra_args)
+        env: dict[str, str] = {}
+        opts: dict[str, Any] = {"num_gpus": plan.engine_gpus, "num_cpus": 0}
+        if pg is not None:
+            opts["scheduling_strategy"] = strategy(pg, plan.engine_bundle[i])
+        spec = ServerSpec(model_path=str(path or model_path), host=e.host, tp_size=e.sglang.tp_size, launch=launch,
+                          extra_args=extra, env=env, startup_timeout_s=e.sglang.startup_timeout_s, log_dir=log_dir)
+        actor = ray.remote(EngineServerActor).options(**opts).remote(spec, plan.mode == "colocated")
+        if version is not None:
+            ray.get(actor.restart.remote(str(path or model_path), int(version)))
+        return actor
+
+    servers = [spawn_sglang(i) for i in range(e.num_engines)]
+    return EngineFleet(servers, router_cfg, respawn=spawn_sglang, engine_tp=[e.sglang.tp_size] * e.num_engines)
 
 
 # ----------------------------------------------------------------------------- weight sync
@@ -462,6 +572,7 @@ class DistributedWeightSender:
             raise ValueError("engine_urls and engine_tp must have one entry per engine server")
         self.urls = list(engine_urls)
         self.group_name, self.backend, self.timeout_s = group_name, backend, timeout_s
+        self.broken = False
         self.device = torch.device(device)
         world = 1 + sum(engine_tp)
         offsets = [1 + sum(engine_tp[:i]) for i in range(len(engine_tp))]
@@ -473,29 +584,49 @@ class DistributedWeightSender:
         self.pg = results
 
     def _concurrently(self, path: str, bodies: list[dict[str, Any]], local):
-        """POST ``bodies`` to every engine in threads while running ``local()`` here (the engines
-        block in the collective until this side joins it); raise the first failure."""
-        outs: list[Any] = [None] * len(self.urls)
+        """POST ``bodies`` to every engine while running ``local()`` (this side of the collective),
+        all in threads; return ``local()``'s result, or raise the first failure at once.
+
+        An engine that dies mid-sync fails its POST while ``local()`` is still blocked in the
+        collective waiting for it: the sender is then ``broken`` (its group is abandoned, the
+        blocked thread ends at the group's timeout) and must be replaced."""
         errors: list[BaseException] = []
+        result: list[Any] = []
+        done = threading.Event()
+        pending = [len(self.urls) + 1]
+        lock = threading.Lock()
+
+        def finish(err: BaseException | None = None) -> None:
+            with lock:
+                if err is not None:
+                    errors.append(err)
+                pending[0] -= 1
+                if err is not None or pending[0] == 0:
+                    done.set()
 
         def post(i: int) -> None:
             try:
-                outs[i] = http_json("POST", self.urls[i] + path, bodies[i], timeout=self.timeout_s)
-                _require_success(outs[i], path, self.urls[i])
+                out = http_json("POST", self.urls[i] + path, bodies[i], timeout=self.timeout_s)
+                _require_success(out, path, self.urls[i])
+                finish()
             except BaseException as e:  # noqa: BLE001 - re-raised below
-                errors.append(e)
+                finish(e)
 
-        threads = [threading.Thread(target=post, args=(i,), daemon=True) for i in range(len(self.urls))]
-        for t in threads:
-            t.start()
-        try:
-            result = local()
-        finally:
-            for t in threads:
-                t.join(self.timeout_s)
+        def run_local() -> None:
+            try:
+                result.append(local())
+                finish()
+            except BaseException as e:  # noqa: BLE001
+                finish(e)
+
+        for target, args in [(run_local, ())] + [(post, (i,)) for i in range(len(self.urls))]:
+            threading.Thread(target=target, args=args, daemon=True).start()
+        if not done.wait(self.timeout_s):
+            errors.append(EngineLaunchError(f"{path} did not finish within {self.timeout_s:g} s"))
         if errors:
+            self.broken = True
             raise errors[0]
-        return result
+        return result[0] if result else None
 
     def send(self, state: dict[str, torch.Tensor], version: int, bucket_bytes: int = 512 * 2**20) -> dict[str, float]:
         """Broadcast ``state`` (HF names) to every engine in buckets, tagged ``version``.
@@ -527,7 +658,8 @@ class DistributedWeightSender:
                 http_json("POST", url + "/destroy_weights_update_group", {"group_name": self.group_name}, timeout=30)
             except EngineLaunchError:
                 pass
-        destroy_weight_update_group(self.pg)
+        if not self.broken and getattr(self, "pg", None) is not None:
+            destroy_weight_update_group(self.pg)  # a broken group may still have a thread blocked in it
 
 
 class ColocatedTensorSender:

@@ -82,8 +82,9 @@ def rollout_metrics(groups: list[list[Trajectory]], subs: list[SubTrace]) -> dic
     return out
 
 
-def check_megatron_available() -> None:
-    """trainer.backend=megatron: megatron-core installed and a device it can run on, or a ConfigError."""
+def check_megatron_available(model_path: str | None = None, tp: int = 1) -> None:
+    """trainer.backend=megatron: megatron-core installed, a device it can run on, and a model
+    it converts at this tensor-parallel size; or a ConfigError naming the key."""
     import importlib.util
 
     if importlib.util.find_spec("megatron.core") is None:
@@ -95,6 +96,20 @@ def check_megatron_available() -> None:
         _require_device()
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
+    if model_path is not None:
+        from transformers import AutoConfig
+
+        from .megatron_convert import UnsupportedModel, arch_from_hf_config, check_tp
+
+        try:
+            spec = arch_from_hf_config(AutoConfig.from_pretrained(model_path))
+        except UnsupportedModel as e:
+            raise ConfigError(f"model.path: the megatron backend cannot convert {model_path}: {e}. "
+                              "Use trainer.backend=deepspeed for it.") from None
+        try:
+            check_tp(spec, tp)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def preflight_env(env: Any) -> None:
@@ -206,7 +221,7 @@ class Job:
         self.tasks = load_tasks(self.cfg.env, type(env), self.cfg.run.seed)
         preflight_env(env)
         if self.cfg.trainer.backend == "megatron":
-            check_megatron_available()
+            check_megatron_available(self.model_path, self.cfg.trainer.megatron.tensor_parallel_size)
         if self.cfg.engine.kind == "sglang" and not self.cfg.ray.address and not torch.cuda.is_available():
             raise ConfigError("engine.kind: 'sglang' launches SGLang servers on GPUs and this machine has none; "
                               "use engine.kind=cpu here, engine.kind=external with engine.urls, or ray.address of a GPU cluster")

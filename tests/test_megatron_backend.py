@@ -339,3 +339,25 @@ def test_without_cuda_or_shims_it_says_so(tiny):
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode != 0
     assert "trainer.backend=megatron needs CUDA GPUs" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_megatron_settings_are_config_errors(tiny, tmp_path):
+    from relayrl.config import ConfigError, load_config
+    from relayrl.rl.job import check_megatron_available
+
+    with pytest.raises(ConfigError, match="trainer.megatron.context_parallel_size: only 1 is supported"):
+        load_config(None, ["trainer.backend=megatron", "trainer.megatron.context_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"trainer.world_size \(3\) must be a multiple of trainer.megatron.tensor_parallel_size \(2\)"):
+        load_config(None, ["trainer.backend=megatron", "trainer.world_size=3", "trainer.megatron.tensor_parallel_size=2"])
+    # The tiny Llama has 2 KV heads: TP 4 cannot split them.
+    with pytest.raises(ConfigError, match="tensor_parallel_size=4 does not divide the model's num_key_value_heads"):
+        check_megatron_available(str(tiny), 4)
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="model.path: the megatron backend cannot convert .*model_type 'gpt2'"):
+        check_megatron_available(str(tmp_path / "gpt2"), 1)
+    check_megatron_available(str(tiny), 2)  # fits: no error

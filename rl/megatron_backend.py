@@ -235,8 +235,9 @@ class MegatronBackend:
         self.device = distributed.device()
 
         torch.manual_seed(seed)
+        hf_state = self._hf_state(self.model_path)  # a fresh critic head draws first, as DeepSpeed's does
         self.model = build_gpt_model(self.spec, self.tp, self.dtype, role).to(self.device)
-        self._load_hf(self.model_path)
+        self._load_hf(hf_state)
         self.model.eval()
         self.optimizer = self.scheduler = None
         if role == "reference":
@@ -278,16 +279,16 @@ class MegatronBackend:
         if self.role != "critic" and "lm_head.weight" not in state and self.spec.tie_word_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         if self.role == "critic" and "score.weight" not in state:
-            # A causal-LM checkpoint: a fresh head, drawn like the HF critic's (normal(0,
-            # initializer_range), zero bias) from torch's RNG seeded with ``seed``.
-            g = torch.Generator().manual_seed(self.seed)
+            # A causal-LM checkpoint: a fresh head drawn exactly as ``critic.value_model`` (HF's
+            # init) draws it, normal(0, initializer_range) and a zero bias, as the first draw from
+            # torch's global RNG after ``manual_seed(seed)``: the same head as DeepSpeed's critic.
             std = float(getattr(self.hf_config, "initializer_range", 0.02))
-            state["score.weight"] = torch.randn(1, self.spec.hidden_size, generator=g) * std
+            state["score.weight"] = torch.empty(1, self.spec.hidden_size).normal_(0.0, std)
             state["score.bias"] = torch.zeros(1)
         return state
 
-    def _load_hf(self, path: str) -> None:
-        shard = hf_to_megatron(self._hf_state(path), self.spec, self.tp, self.tp_rank, role=self.role)
+    def _load_hf(self, hf_state: dict[str, torch.Tensor]) -> None:
+        shard = hf_to_megatron(hf_state, self.spec, self.tp, self.tp_rank, role=self.role)
         if self.role == "critic":
             shard = {k.replace(f"{VALUE_HEAD}.", "output_layer."): v for k, v in shard.items()}
         own = {k for k in self.model.state_dict() if not k.endswith("_extra_state")}

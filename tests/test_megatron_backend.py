@@ -303,8 +303,10 @@ def test_export_hf_loads_in_transformers(tiny, tmp_path):
 # ----------------------------------------------------------------------------- TP=2 == TP=1
 
 
-def test_tensor_parallel_2_equals_1(tiny, tmp_path):
-    """Two gloo processes at TP=2 against this process at TP=1: megatron-core allows it on CPU."""
+@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
+def test_two_ranks_equal_one(tiny, tmp_path, tp):
+    """Two gloo processes against this process alone: TP=2 (megatron-core allows it on CPU), or
+    TP=1 x DP=2 (each rank its shard; gradients summed over the replicas)."""
     import torch.multiprocessing as mp
 
     from relayrl.rl.distributed import free_port
@@ -315,22 +317,28 @@ def test_tensor_parallel_2_equals_1(tiny, tmp_path):
     old = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = tests_dir + (os.pathsep + old if old else "")
     try:
-        mp.start_processes(run_rank, args=(2, free_port(), str(tiny), str(tmp_path), samples, 2), nprocs=2,
+        mp.start_processes(run_rank, args=(2, free_port(), str(tiny), str(tmp_path), samples, tp), nprocs=2,
                            join=True, start_method="spawn")
     finally:
         os.environ["PYTHONPATH"] = old
-    tp2 = torch.load(tmp_path / "result.pt", weights_only=False)
-    tp1 = MegatronBackend("policy", tiny, trainer_cfg(), OPTIM)
-    for a, b in zip(tp1.forward_logprobs(samples), tp2["logprobs"], strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=2e-6)
+    two = torch.load(tmp_path / "result.pt", weights_only=False)
+    one = MegatronBackend("policy", tiny, trainer_cfg(), OPTIM)
+    ref = one.forward_logprobs(samples)
+    reporting = [r for r in two["ranks"] if r["reports"]]
+    assert len(reporting) == (1 if tp == 2 else 2)
+    assert sorted(i for r in reporting for i in r["index"]) == list(range(len(samples)))
+    for r in two["ranks"]:
+        for i, lp in zip(r["index"], r["logprobs"], strict=True):
+            torch.testing.assert_close(lp, ref[i], rtol=0, atol=2e-6)
     n = sum(int(s["loss_mask"].sum()) for s in samples)
-    m1 = tp1.train_step(samples, nll_loss_fn(n))
-    assert tp2["metrics"]["nll"] == pytest.approx(m1["nll"], rel=1e-6)
-    assert tp2["metrics"]["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
-    w1 = tp1.state_dict_for_engine()
-    assert sorted(tp2["weights"]) == sorted(w1)
+    m1 = one.train_step(samples, nll_loss_fn(n))
+    assert sum(r["metrics"]["nll"] for r in reporting) == pytest.approx(m1["nll"], rel=1e-6)
+    for r in two["ranks"]:
+        assert r["metrics"]["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+    w1 = one.state_dict_for_engine()
+    assert sorted(two["weights"]) == sorted(w1)
     for k in w1:
-        torch.testing.assert_close(tp2["weights"][k], w1[k], rtol=0, atol=2e-6, msg=k)
+        torch.testing.assert_close(two["weights"][k], w1[k], rtol=0, atol=2e-6, msg=k)
 
 
 # ----------------------------------------------------------------------------- without the shims

@@ -1,9 +1,11 @@
 """A TP rank for the tensor-parallel test: run in a spawned process (gloo), write its results.
 
 ``run_rank(rank, world_size, port, model_dir, out_dir, samples, tp)`` builds a Megatron policy
-with ``tensor_parallel_size=tp``, computes log-probabilities, takes one optimizer step with a
-token-mean NLL loss, and has global rank 0 write ``{"logprobs", "metrics", "weights"}`` to
-``out_dir/result.pt`` (weights gathered over TP into HF names).
+with ``tensor_parallel_size=tp`` (the rest of ``world_size`` data parallel), gives each rank its
+replica's shard of ``samples`` as ``TrainerGroup`` would, computes log-probabilities, takes one
+optimizer step with a token-mean NLL loss normalised for the whole batch, and has global rank 0
+write every rank's ``{"index", "logprobs", "metrics", "reports"}`` and the gathered HF weights
+to ``out_dir/result.pt``.
 """
 
 from __future__ import annotations
@@ -35,13 +37,22 @@ def run_rank(rank: int, world_size: int, port: int, model_dir: str, out_dir: str
                        megatron={"tensor_parallel_size": tp})
     backend = MegatronBackend("policy", model_dir, tc, OptimConfig(lr=1e-3, eps=1e-3, grad_clip=None),
                               rank=rank, world_size=world_size)
-    logprobs = backend.forward_logprobs(samples)
-    n_tokens = sum(int(s["loss_mask"].sum()) for s in samples)
-    metrics = backend.train_step(samples, nll_loss_fn(n_tokens))
-    weights = backend.state_dict_for_engine()
-    if rank == 0:
-        torch.save({"logprobs": logprobs, "metrics": metrics, "weights": weights}, os.path.join(out_dir, "result.pt"))
     import torch.distributed as dist
 
+    from relayrl.rl.trainer_actor import data_parallel_ranks, shard_by_tokens
+
+    # As TrainerGroup does: one shard per data-parallel replica, TP peers share it.
+    dp_ranks = data_parallel_ranks(world_size, tc)
+    shards = shard_by_tokens([int(s["tokens"].shape[0]) for s in samples], dp_ranks[-1] + 1)
+    mine = [samples[i] for i in shards[dp_ranks[rank]]]
+    logprobs = backend.forward_logprobs(mine)
+    n_tokens = sum(int(s["loss_mask"].sum()) for s in samples)  # normalised for the whole batch
+    metrics = backend.train_step(mine, nll_loss_fn(n_tokens))
+    weights = backend.state_dict_for_engine()
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, {"index": shards[dp_ranks[rank]], "logprobs": logprobs, "metrics": metrics,
+                                      "reports": backend.reports})
+    if rank == 0:
+        torch.save({"ranks": everyone, "weights": weights}, os.path.join(out_dir, "result.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -32,9 +32,10 @@ def test_impossible_layouts_are_named():
         plan_placement("disaggregated", 1, 1, 16)
 
 
-@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
-def test_ray_places_actors_by_the_plan(mode):
+def test_ray_places_actors_by_the_plan():
     ray = pytest.importorskip("ray")
+    from ray.util.placement_group import remove_placement_group
+
     from relayrl.rl.placement import reserve, strategy
 
     ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -44,18 +45,23 @@ def test_ray_places_actors_by_the_plan(mode):
             def gpus(self):
                 return [str(g) for g in ray.get_gpu_ids()]
 
-        plan = plan_placement(mode, trainer_ranks=2, num_engines=1, engine_tp=2, num_roles=1, cpus_per_bundle=0)
-        pg = reserve(plan, timeout_s=60)
-        trainers = [Probe.options(num_gpus=plan.trainer_gpus, scheduling_strategy=strategy(pg, b)).remote()
-                    for b in plan.trainer_bundle]
-        engine = Probe.options(num_gpus=plan.engine_gpus, scheduling_strategy=strategy(pg, plan.engine_bundle[0])).remote()
-        t = [set(g) for g in ray.get([a.gpus.remote() for a in trainers])]
-        e = set(ray.get(engine.gpus.remote()))
-        assert all(len(g) == 1 for g in t) and t[0] != t[1]
-        if mode == "disaggregated":
-            assert len(e) == 2 and not (e & (t[0] | t[1]))  # 4 distinct GPUs in all
-        else:
-            assert e == t[0]  # the engine sits on trainer rank 0's GPU
+        for mode in ("disaggregated", "colocated"):
+            plan = plan_placement(mode, trainer_ranks=2, num_engines=1, engine_tp=2, num_roles=1, cpus_per_bundle=0)
+            pg = reserve(plan, timeout_s=60)
+            trainers = [Probe.options(num_gpus=plan.trainer_gpus, scheduling_strategy=strategy(pg, b)).remote()
+                        for b in plan.trainer_bundle]
+            engine = Probe.options(num_gpus=plan.engine_gpus,
+                                   scheduling_strategy=strategy(pg, plan.engine_bundle[0])).remote()
+            t = [set(g) for g in ray.get([a.gpus.remote() for a in trainers])]
+            e = set(ray.get(engine.gpus.remote()))
+            assert all(len(g) == 1 for g in t) and t[0] != t[1], mode
+            if mode == "disaggregated":
+                assert len(e) == 2 and not (e & (t[0] | t[1]))  # 4 distinct GPUs in all
+            else:
+                assert e == t[0]  # the engine sits on trainer rank 0's GPU
+            for a in [*trainers, engine]:
+                ray.kill(a)
+            remove_placement_group(pg)
         with pytest.raises(RuntimeError, match="needs 8 GPUs"):
             reserve(plan_placement("disaggregated", 4, 2, 2), timeout_s=3)
     finally:

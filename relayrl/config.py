@@ -364,9 +364,16 @@ class MegatronConfig(_Section):
     """Pipeline stages. Only 1 in this version."""
     context_parallel_size: int = Field(1, ge=1)
     """Context-parallel ranks. Only 1 in this version."""
-    pack_sequences: bool = True
-    """Pack a micro-batch's sub-traces into one row with a block-diagonal causal mask (no token
-    attends across two sub-traces) instead of right-padding each to the longest."""
+    pack_sequences: bool = False
+    """Pack a micro-batch's sub-traces into one row, no token attending across two of them,
+    instead of right-padding each to the longest. With Transformer Engine: THD packing
+    (``cu_seqlens``, flash attention; use it). Without: a dense block-diagonal mask over the
+    packed row, whose attention costs (sum of lengths)^2 instead of rows x longest^2: it pays
+    only when lengths vary a lot and stay short."""
+    transformer_engine: Literal["auto", "on", "off"] = "auto"
+    """Layer spec: Transformer Engine's (fused kernels, flash attention, THD packing; needed for
+    long contexts) or megatron-core's local one (plain torch; attention scores are materialised,
+    (heads, T, T) per row). ``auto``: TE when it is installed and CUDA is available."""
 
 
 class TrainerConfig(_Section):

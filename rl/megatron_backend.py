@@ -27,10 +27,12 @@ Sequences
 ---------
 A micro-batch (planned by ``deepspeed_backend.plan_micro_batches``, the same plan as DeepSpeed)
 is either right-padded rows (``pack_sequences=False``) or packed into one row
-(``pack_sequences=True``) with a block-diagonal causal mask, so no token attends across two
-sub-traces. RoPE scores depend only on the distance between query and key, so a sequence
-packed at offset o gives the same result as at offset 0 (up to float rounding; the equivalence
-is tested). Logits are gathered over TP and cut to the true vocabulary before any softmax; the
+(``pack_sequences=True``), so that no token attends across two sub-traces. With the local
+layer spec (CPU tests, or GPUs without Transformer Engine) packing uses a block-diagonal causal
+mask: RoPE scores depend only on the distance between query and key, so a sequence packed at
+offset o gives the same result as at offset 0 (up to float rounding; the equivalence is
+tested). With Transformer Engine's spec (``trainer.megatron.transformer_engine``, GPUs) it is
+THD packing with ``cu_seqlens`` (not run on this CPU machine). Logits are gathered over TP and cut to the true vocabulary before any softmax; the
 log-probabilities come from ``deepspeed_backend.token_logprobs_and_entropy``, the same kernel.
 
 Devices
@@ -66,7 +68,15 @@ from relayrl.rl.deepspeed_backend import (
     plan_micro_batches,
     token_logprobs_and_entropy,
 )
-from relayrl.rl.megatron_convert import VALUE_HEAD, ArchSpec, arch_from_hf_config, hf_to_megatron, megatron_to_hf
+from relayrl.rl.megatron_convert import (
+    VALUE_HEAD,
+    ArchSpec,
+    arch_from_hf_config,
+    from_te_names,
+    hf_to_megatron,
+    megatron_to_hf,
+    to_te_names,
+)
 
 CHECKPOINT_FORMAT = 1
 _META = "relayrl_backend.json"
@@ -139,10 +149,27 @@ class ValueHead(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias), None
 
 
-def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role) -> torch.nn.Module:
-    """megatron-core's GPTModel for ``spec`` (local layer spec; parallel state initialised)."""
+def use_transformer_engine(setting: str) -> bool:
+    """``trainer.megatron.transformer_engine`` resolved: auto = installed and CUDA available."""
+    import importlib.util
+
+    if setting == "off":
+        return False
+    have = torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    if setting == "on" and not have:
+        raise RuntimeError("trainer.megatron.transformer_engine=on needs transformer_engine installed and CUDA GPUs; "
+                           "set it to auto or off")
+    return have
+
+
+def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te: bool = False) -> torch.nn.Module:
+    """megatron-core's GPTModel for ``spec`` (parallel state initialised), with Transformer
+    Engine's layer spec (``te``) or the local one."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
     from megatron.core.transformer import TransformerConfig
 
     config = TransformerConfig(
@@ -175,9 +202,11 @@ def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role) -> 
         gradient_accumulation_fusion=False,
     )
     tie = spec.tie_word_embeddings and role != "critic"
+    layer_spec = (get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm) if te
+                  else get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm))
     model = GPTModel(
         config,
-        get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm),
+        layer_spec,
         vocab_size=spec.padded_vocab(tp),
         max_sequence_length=spec.max_position_embeddings,
         position_embedding_type="rope",
@@ -228,6 +257,7 @@ class MegatronBackend:
                              f"trainer.megatron.tensor_parallel_size={self.tp}")
         self.global_step = 0
 
+        self.te = use_transformer_engine(trainer_cfg.megatron.transformer_engine)
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
         self.spec = arch_from_hf_config(self.hf_config)
         distributed.init_distributed(rank, world_size)
@@ -236,7 +266,7 @@ class MegatronBackend:
 
         torch.manual_seed(seed)
         hf_state = self._hf_state(self.model_path)  # a fresh critic head draws first, as DeepSpeed's does
-        self.model = build_gpt_model(self.spec, self.tp, self.dtype, role).to(self.device)
+        self.model = build_gpt_model(self.spec, self.tp, self.dtype, role, self.te).to(self.device)
         self._load_hf(hf_state)
         self.model.eval()
         self.optimizer = self.scheduler = None
@@ -289,6 +319,8 @@ class MegatronBackend:
 
     def _load_hf(self, hf_state: dict[str, torch.Tensor]) -> None:
         shard = hf_to_megatron(hf_state, self.spec, self.tp, self.tp_rank, role=self.role)
+        if self.te:
+            shard = to_te_names(shard)
         if self.role == "critic":
             shard = {k.replace(f"{VALUE_HEAD}.", "output_layer."): v for k, v in shard.items()}
         own = {k for k in self.model.state_dict() if not k.endswith("_extra_state")}
@@ -313,6 +345,8 @@ class MegatronBackend:
         tokens = mb["tokens"]
         b, T = tokens.shape
         lengths = mb["attention_mask"].sum(-1).tolist()
+        if self.te:
+            return self._model_out_te(tokens, lengths)
         if self.trainer_cfg.megatron.pack_sequences and b > 1:
             to_padded, _ = pack_index(lengths, T)
             to_padded = to_padded.to(tokens.device)
@@ -326,6 +360,29 @@ class MegatronBackend:
         pos = torch.arange(T, device=tokens.device)[None].expand(b, T)
         out = self.model(tokens, pos, attention_mask=causal_mask(lengths, T, tokens.device))
         return out[..., : self._width()]
+
+    def _model_out_te(self, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Transformer Engine path (GPU). Right-padded rows need no mask: TE's attention is causal
+        (the spec's mask type), and a real token never sees a later, padded one. Packed: THD
+        layout, one row of all tokens, ``cu_seqlens`` marking where each sub-trace starts (RoPE
+        and attention restart there)."""
+        b, T = tokens.shape
+        if not (self.trainer_cfg.megatron.pack_sequences and b > 1):
+            pos = torch.arange(T, device=tokens.device)[None].expand(b, T)
+            return self.model(tokens, pos, attention_mask=None)[..., : self._width()]
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        to_padded, _ = pack_index(lengths, T)
+        to_padded = to_padded.to(tokens.device)
+        row = tokens.reshape(-1)[to_padded][None]
+        cu = torch.zeros(b + 1, dtype=torch.int32, device=tokens.device)
+        cu[1:] = torch.cumsum(torch.tensor(lengths, device=tokens.device), 0)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+        pos = torch.cat([torch.arange(n, device=tokens.device) for n in lengths])[None]
+        out = self.model(row, pos, attention_mask=None, packed_seq_params=params)[0][:, : self._width()]
+        padded = out.new_zeros(b * T, out.shape[-1]).index_copy(0, to_padded, out)
+        return padded.reshape(b, T, -1)
 
     def _width(self) -> int:
         return 1 if self.role == "critic" else self.spec.vocab_size
@@ -433,6 +490,8 @@ class MegatronBackend:
     def _megatron_state(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
                  if not k.endswith("_extra_state")}
+        if self.te:
+            state = from_te_names(state)
         if self.role == "critic":
             state = {k.replace("output_layer.", f"{VALUE_HEAD}."): v for k, v in state.items()}
         return state
@@ -549,6 +608,8 @@ class MegatronBackend:
         state = blob["model"]
         if self.role == "critic":
             state = {k.replace(f"{VALUE_HEAD}.", "output_layer."): v for k, v in state.items()}
+        if self.te:
+            state = to_te_names(state)
         with torch.no_grad():
             params = dict(self.model.named_parameters())
             for k, v in state.items():

@@ -294,6 +294,38 @@ def megatron_to_hf(shards: list[dict[str, torch.Tensor]], spec: ArchSpec, role: 
     return out
 
 
+# With Transformer Engine's layer spec the two pre-norms are fused into the linear that follows
+# them and named after it (as in megatron-core's own modelopt state-dict hooks).
+TE_RENAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def to_te_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Local-spec Megatron names -> Transformer-Engine-spec names (the same tensors)."""
+    out = {}
+    for k, v in state.items():
+        for local, te in TE_RENAMES.items():
+            if k.startswith("decoder.layers.") and k.endswith("." + local):
+                k = k[: -len(local)] + te
+                break
+        out[k] = v
+    return out
+
+
+def from_te_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``to_te_names``."""
+    out = {}
+    for k, v in state.items():
+        for local, te in TE_RENAMES.items():
+            if k.startswith("decoder.layers.") and k.endswith("." + te):
+                k = k[: -len(te)] + local
+                break
+        out[k] = v
+    return out
+
+
 def hf_num_bytes(state: dict[str, torch.Tensor]) -> int:
     """Bytes of the distinct tensors of a state dict (tied weights counted once)."""
     seen: dict[int, int] = {}

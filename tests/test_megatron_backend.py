@@ -172,7 +172,7 @@ def _initial(path):
 
 def test_packed_equals_padded_and_accumulation_is_a_sum(tiny):
     samples = make_samples([7, 12, 3, 9, 5, 11])
-    packed = MegatronBackend("policy", tiny, trainer_cfg(micro_batch_size=3), OPTIM)
+    packed = MegatronBackend("policy", tiny, trainer_cfg(micro_batch_size=3, megatron={"pack_sequences": True}), OPTIM)
     padded = MegatronBackend("policy", tiny, trainer_cfg(micro_batch_size=3, megatron={"pack_sequences": False}), OPTIM)
     one_each = MegatronBackend("policy", tiny, trainer_cfg(micro_batch_size=1), OPTIM)
     for a, b in zip(packed.forward_logprobs(samples), padded.forward_logprobs(samples), strict=True):

@@ -13,8 +13,10 @@ from relayrl.rl.megatron_convert import (
     UnsupportedModel,
     arch_from_hf_config,
     check_tp,
+    from_te_names,
     hf_to_megatron,
     megatron_to_hf,
+    to_te_names,
 )
 
 SMALL = dict(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -144,3 +146,15 @@ def test_missing_weight_is_named():
     del hf["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
         hf_to_megatron(hf, spec)
+
+
+def test_transformer_engine_names_round_trip():
+    spec = arch_from_hf_config(CONFIGS["qwen3"])
+    local = hf_to_megatron(random_hf_state(CONFIGS["qwen3"]), spec, 2, 1)
+    te = to_te_names(local)
+    assert "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight" in te
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in te
+    assert not any(k.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight")) for k in te)
+    assert "decoder.final_layernorm.weight" in te  # not fused: it has no linear after it
+    assert te["decoder.layers.0.mlp.linear_fc1.layer_norm_weight"] is local["decoder.layers.0.pre_mlp_layernorm.weight"]
+    assert from_te_names(te).keys() == local.keys()

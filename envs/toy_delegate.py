@@ -8,12 +8,13 @@ retrieval tool or a file would hold it in a real task. The reward is the fractio
 answered right (first word).
 
 On hidden turns no policy without a sub-agent beats chance (1/4). With one, a hidden turn is
-three learned steps: delegate (``DelegateParser`` reads a reply that does not start with a word
-as ``spawn_subagent``, so a random policy delegates often), the child repeats the word it was
-shown (its reply is its answer, ``FinalAnswerParser``), and the parent copies the answer it reads
-back. The direct turns teach "repeat the word you are shown", the skill both the child and the
-parent then use. The child's tokens get their credit only through the parent's value where its
-answer returns (``rl/batching.py``). ``score`` reports ``hidden_turns``, ``hidden_correct`` and
+solved by the skill the direct turns teach, "repeat the last word you are shown", used three
+times: "answer the word" holds no answer word to repeat, and ``DelegateParser`` reads any reply
+that does not start with one (``w0..w3``) as ``spawn_subagent``, so the parent delegates; the child, shown "say w2", repeats "w2" (its reply is its answer,
+``FinalAnswerParser``); the answer comes back as "say w2" (``render_subagent_answer``) and the
+parent repeats "w2". Three copies must all be right for the turn to score, and the child's
+tokens get their credit only through the parent's value where its answer returns
+(``rl/batching.py``). ``score`` reports ``hidden_turns``, ``hidden_correct`` and
 ``hidden_delegated`` so the hidden turns can be read apart.
 """
 
@@ -80,6 +81,10 @@ class ToyDelegateEnv:
         self._delegated[self._turn] = True
         return Reset(messages=[{"role": "system", "content": self.system_prompt},
                                {"role": "user", "content": f"say {self._targets[self._turn]}"}], tools=[])
+
+    def render_subagent_answer(self, answer: str) -> str:
+        """The child's answer as the parent reads it: in the words of a direct turn."""
+        return f"say {answer}"
 
     async def step(self, call: ToolCall) -> StepResult:
         words = str(call.arguments.get("text", "")).split() if call.name == "answer" else []

@@ -6,7 +6,8 @@ own start for children, ``env.subagent_reset(task) -> Reset``, when it has one),
 tools, and ``spawn_subagent`` again while ``subagents.max_depth`` allows. The child acts on the
 same env (its tool calls pass the anti-hack gate like the parent's). It ends when it replies
 without a tool call, and that reply is its final answer: it returns to the parent as the tool's
-output (loss_mask 0 in the parent, like any observation). A child that runs out of turns or
+output (loss_mask 0 in the parent, like any observation), rendered by the env's
+``render_subagent_answer(answer) -> str`` when it has one. A child that runs out of turns or
 context answers with its last reply.
 
 Each child's tokens are one sub-trace of the trajectory (``kind="subagent"``) with a parent
@@ -125,7 +126,8 @@ class EpisodeSpawner:
         index = len(self.children)
         self.children.append(child)
         child.answer = await self._run(child, index, task)
-        return child.answer
+        render = getattr(self.env, "render_subagent_answer", None)
+        return render(child.answer) if render is not None else child.answer
 
     async def _run(self, child: ChildTrace, index: int, task: str) -> str:
         chat, limits, cfg = self.f.chat, self.f.limits, self.cfg

@@ -16,6 +16,11 @@ With a ``Gate`` (``antihack/gate.py``), every tool call is checked before it run
 call never reaches the env, the agent reads the rule's dummy output instead (shaped by the
 env's ``render_dummy`` when it has one) and the episode goes on. Each verdict on a flagged
 call is an ``antihack`` event of the sub-trace.
+
+With a ``SpawnerFactory`` (``rollout/subagent.py``), the policy also has ``spawn_subagent``: a
+child loop runs in a context of its own and its answer is the tool's observation; each child is
+a sub-trace (numbered before the main chain) with a parent link. In black-box mode the worker
+passes ``run_episode_with_retries`` another ``runner`` (``rollout/blackbox.py``) instead.
 """
 
 from __future__ import annotations

@@ -139,3 +139,24 @@ def test_bad_calls_and_caps_are_error_observations(parts):
     assert not answer.startswith("error") and len(spawner.children) == 1
     # The tool is offered to the main agent only (max_depth=1).
     assert [t["function"]["name"] for t in spawner.tools([], 0)] == [SPAWN_TOOL_NAME] and spawner.tools([], 1) == []
+
+
+def test_sub_traces_are_counted_by_kind(parts, tiny_model_dir):
+    """The per-trajectory counts behind ``rollout/subtraces/{turns,compaction,subagent}``: a
+    compacted toy_echo episode is one ``turns`` sub-trace then ``compaction`` ones."""
+    from relayrl.config import CompactionConfig
+    from relayrl.envs.toy import ToyEchoEnv
+    from relayrl.rollout.compaction import make_compactor
+    from relayrl.rollout.parsers import PlainParser
+
+    engine, _ = parts
+    chat = ChatFormat(AutoTokenizer.from_pretrained(tiny_model_dir), PlainParser())
+    compactor = make_compactor(CompactionConfig(enabled=True, max_context_tokens=44, summary_max_tokens=2,
+                                                prompt="repeat the word"))
+    task = ToyEchoEnv.default_tasks(num_tasks=1, num_turns=8)[0]
+    traj = asyncio.run(run_episode(EpisodeJob(task, 0, seed=3), ToyEchoEnv(num_turns=8), engine, chat, PlainParser(),
+                                   AgentLimits(max_turns=8, max_new_tokens=2, max_context_tokens=64), compactor))
+    kinds = [s.kind for s in traj.sub_traces]
+    assert len(kinds) >= 2 and kinds == ["turns"] + ["compaction"] * (len(kinds) - 1)
+    assert (traj.metrics["subtraces/turns"], traj.metrics["subtraces/compaction"], traj.metrics["subtraces/subagent"]) \
+        == (1.0, len(kinds) - 1.0, 0.0)

@@ -162,9 +162,12 @@ def use_transformer_engine(setting: str) -> bool:
     return have
 
 
-def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te: bool = False) -> torch.nn.Module:
+def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te: bool = False,
+                    recompute: bool = False) -> torch.nn.Module:
     """megatron-core's GPTModel for ``spec`` (parallel state initialised), with Transformer
-    Engine's layer spec (``te``) or the local one."""
+    Engine's layer spec (``te``) or the local one; ``recompute``: full activation recomputation
+    of every layer in backward (``trainer.gradient_checkpointing``; megatron's checkpoint saves
+    CUDA RNG states, so it runs on GPUs only, not through the CPU test shims)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -200,6 +203,8 @@ def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te:
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        **({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+           if recompute else {}),
     )
     tie = spec.tie_word_embeddings and role != "critic"
     layer_spec = (get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm) if te
@@ -266,7 +271,8 @@ class MegatronBackend:
 
         torch.manual_seed(seed)
         hf_state = self._hf_state(self.model_path)  # a fresh critic head draws first, as DeepSpeed's does
-        self.model = build_gpt_model(self.spec, self.tp, self.dtype, role, self.te).to(self.device)
+        self.model = build_gpt_model(self.spec, self.tp, self.dtype, role, self.te,
+                                     recompute=trainer_cfg.gradient_checkpointing and role != "reference").to(self.device)
         self._load_hf(hf_state)
         self.model.eval()
         self.optimizer = self.scheduler = None

@@ -266,9 +266,12 @@ class EngineServer:
         assert self.proc is not None
         return self.proc.pid
 
-    def health(self) -> bool:
-        """Process alive and ``GET /health`` answers."""
-        return self.proc is not None and self.proc.alive() and is_healthy(self._url)
+    def health(self, tries: int = 3) -> bool:
+        """Process alive and ``GET /health`` answers (a busy server gets ``tries`` chances of 5 s,
+        so that load alone never gets a healthy server restarted)."""
+        if self.proc is None or not self.proc.alive():
+            return False
+        return any(is_healthy(self._url) for _ in range(tries))
 
     def restart(self, model_path: str | None = None, weight_version: int | None = None) -> str:
         """Kill (if needed) and relaunch on the same port from ``model_path`` (the latest exported

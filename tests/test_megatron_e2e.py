@@ -1,12 +1,12 @@
 """The driver unchanged, the trainer swapped by config: ``trainer.backend=megatron`` runs the
-same deterministic critic-PPO job as ``deepspeed`` through Ray, and its first step matches.
+same deterministic critic-PPO job as ``deepspeed`` through Ray, and its step matches.
 
 On this CPU machine megatron-core needs the shims of ``tests/support/megatron_cpu.py`` in every
 trainer process; Ray's ``worker_process_setup_hook`` installs them (a test harness setting, not
 relayrl's: ``Job`` joins the Ray instance the test started). Step 1 of both runs samples the same
 episodes (same initial weights, per-episode seeds, ordered batches), so the rollout metrics are
-equal and the critic's and actor's losses agree to float noise; later steps sample from weights
-that differ by float noise and may draw different tokens, so only their completion is checked.
+equal and the critic's and actor's losses and gradient norms agree to float noise. (Later steps
+sample from weights that differ by float noise and may draw other tokens: one step is the test.)
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _run(tmp_path: Path, model_dir: Path, backend: str) -> list[dict]:
         "rollout.max_turns=2", "rollout.max_new_tokens=2", "rollout.max_context_tokens=256",
         "rollout.episodes_per_worker=8", "algorithm.kl_coef=0.0", "trainer.zero_stage=0",
         f"trainer.backend={backend}", "trainer.micro_batch_size=4", "trainer.num_threads=1",
-        "trainer.policy.lr=1e-3", "trainer.critic.lr=1e-3", "train.steps=2", "train.save_every=2",
+        "trainer.policy.lr=1e-3", "trainer.critic.lr=1e-3", "train.steps=1", "train.save_every=1",
         "logging.wandb=disabled", "logging.progress=false",
     ])
     run_dir = train(cfg)
@@ -57,9 +57,9 @@ def _run(tmp_path: Path, model_dir: Path, backend: str) -> list[dict]:
 def test_megatron_job_matches_deepspeed_job(tmp_path, tiny_model_dir):
     ds = _run(tmp_path, tiny_model_dir, "deepspeed")
     mg = _run(tmp_path, tiny_model_dir, "megatron")
-    assert [r["step"] for r in mg] == [1, 2]
+    assert [r["step"] for r in mg] == [1]
     for key in ("rollout/trajectories", "reward/mean", "rollout/tokens_per_subtrace"):
         assert mg[0][key] == ds[0][key], key
     for key in ("critic/vf_loss", "critic/grad_norm", "actor/pg_loss", "actor/grad_norm", "actor/entropy"):
         assert mg[0][key] == pytest.approx(ds[0][key], rel=1e-4, abs=1e-6), key
-    assert (tmp_path / "megatron" / "checkpoints" / "step_000002" / "policy" / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "megatron" / "checkpoints" / "step_000001" / "policy" / "hf" / "model.safetensors").is_file()

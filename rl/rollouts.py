@@ -105,11 +105,6 @@ class RolloutScheduler:
             raise RuntimeError(f"rollout worker {i} died and {self.worker_restarts} restarts were already made "
                                f"(limit {self.max_worker_restarts}); see the Ray logs for why it died")
         self.worker_restarts += 1
-        if not any(self.workers[i] is w for j, w in enumerate(self.workers) if j != i):
-            try:
-                ray.kill(self.workers[i])
-            except Exception:  # noqa: BLE001 - already gone
-                pass
         self.workers[i] = self.respawn_worker(i)
         done = set(ray.get(self.buffer.known_trajectory_ids.remote())) | set(ray.get(self.buffer.consumed_ids.remote()))
         redo = [j for j in chunk if j.trajectory_id not in done]

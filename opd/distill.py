@@ -90,13 +90,12 @@ class DistillJob(Job):
         source = self.cfg.env.tasks or f"the built-in tasks of {self.cfg.env.name!r}"
         self.router = check_distill(self.cfg, self.model_path, [str(t.get("domain", "")) for t in self.tasks], source)
 
+    def needs_critic(self) -> bool:
+        return self.cfg.distill.add_task_advantage and self.cfg.algorithm.estimator == "gae"
+
     def _build(self) -> None:
         super()._build()
         cfg = self.cfg
-        if self.critic is not None and not (cfg.distill.add_task_advantage and cfg.algorithm.estimator == "gae"):
-            # Job builds a critic for every gae config; pure distillation has no use for it.
-            self.critic.shutdown()
-            self.critic = None
         d = cfg.distill
         self.pool = TeacherPoolActor.options(num_cpus=0).remote(
             d.teachers, teacher_loader(cfg), d.max_resident_teachers, pool_budget_bytes(cfg))

@@ -170,6 +170,10 @@ class Job:
         finally:
             job.close()
 
+    def needs_critic(self) -> bool:
+        """Whether the job trains a critic (GAE does; a subclass such as distillation may not)."""
+        return self.cfg.algorithm.estimator == "gae"
+
     def _prepare_run_dir(self) -> None:
         cfg = self.cfg
         latest = self.ckpt.latest()
@@ -276,7 +280,7 @@ class Job:
             place.update(num_gpus_per_rank=plan.trainer_gpus,
                          scheduling=[strategy(pg, b) for b in plan.trainer_bundle])
         self.policy = TrainerGroup("policy", self.model_path, tc, tc.policy, cfg.model.dtype, seed=cfg.run.seed, **place)
-        if cfg.algorithm.estimator == "gae":
+        if self.needs_critic():
             critic_path = str(resolve_model_path(cfg.model.critic_path, cfg.model.cache_dir)) \
                 if cfg.model.critic_path else self.model_path
             self.critic = TrainerGroup("critic", critic_path, tc, tc.critic, cfg.model.dtype,
@@ -381,7 +385,7 @@ class Job:
         from .placement import plan_placement, reserve
 
         cfg = self.cfg
-        roles = 1 + int(cfg.algorithm.estimator == "gae") + int(cfg.algorithm.kl_coef > 0)
+        roles = 1 + int(self.needs_critic()) + int(cfg.algorithm.kl_coef > 0)
         try:
             plan = plan_placement(cfg.ray.placement, cfg.trainer.world_size, cfg.engine.num_engines,
                                   cfg.engine.sglang.tp_size, roles, cfg.ray.gpus_per_node, cpus_per_bundle=0)

@@ -106,7 +106,7 @@ def _mg_grads(backend, samples, loss_fn):
     loss.backward()
     grads = {k: p.grad.detach().clone() for k, p in backend.model.named_parameters()}
     backend.model.zero_grad(set_to_none=True)
-    return float(loss), megatron_to_hf([grads], backend.spec)
+    return float(loss.detach()), megatron_to_hf([grads], backend.spec)
 
 
 def _ds_grads(backend, samples, loss_fn):
@@ -120,7 +120,7 @@ def _ds_grads(backend, samples, loss_fn):
     grads = {k: p.grad.detach().clone() for k, p in module.named_parameters()}
     backend.engine.zero_grad()
     backend.engine.eval()
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_untied"])

@@ -224,6 +224,12 @@ class Job:
                 raise ConfigError(str(e)) from None
         self.tasks = load_tasks(self.cfg.env, type(env), self.cfg.run.seed)
         preflight_env(env)
+        if self.cfg.engine.router and self.cfg.engine.kind != "external":
+            from relayrl.rollout.sglang_engine import router_command
+
+            if not Path(router_command([], "127.0.0.1", 0)[0]).is_file():
+                raise ConfigError("engine.router: the sglang-router binary is not installed; install it with "
+                                  "pip install -c constraints.txt 'relayrl[sglang]' or set engine.router=false")
         if self.cfg.trainer.backend == "megatron":
             check_megatron_available(self.model_path, self.cfg.trainer.megatron.tensor_parallel_size)
         if self.cfg.engine.kind == "sglang" and not self.cfg.ray.address and not torch.cuda.is_available():

@@ -8,14 +8,15 @@ retrieval tool or a file would hold it in a real task. The reward is the fractio
 answered right (first word).
 
 On hidden turns no policy without a sub-agent beats chance (1/4). With one, a hidden turn is
-solved by the skill the direct turns teach, "repeat the last word you are shown", used three
-times: "answer the word" holds no answer word to repeat, and ``DelegateParser`` reads any reply
-that does not start with one (``w0..w3``) as ``spawn_subagent``, so the parent delegates; the child, shown "say w2", repeats "w2" (its reply is its answer,
-``FinalAnswerParser``); the answer comes back as "say w2" (``render_subagent_answer``) and the
-parent repeats "w2". Three copies must all be right for the turn to score, and the child's
-tokens get their credit only through the parent's value where its answer returns
-(``rl/batching.py``). ``score`` reports ``hidden_turns``, ``hidden_correct`` and
-``hidden_delegated`` so the hidden turns can be read apart.
+three steps: delegate (``DelegateParser`` reads a reply that starts with one of a few words,
+``call`` among them, as ``spawn_subagent``), the child, shown "say w2", repeats "w2" (its reply
+is its answer, ``FinalAnswerParser``), and the answer comes back as "say w2"
+(``render_subagent_answer``) for the parent to repeat. The direct turns teach "repeat the word
+you are shown", the skill the child and the parent then both use, so what the hidden turns add
+is learning when to delegate, and the child's tokens get their credit only through the
+parent's value where its answer returns (``rl/batching.py``). ``score`` reports
+``hidden_turns``, ``hidden_correct`` and ``hidden_delegated`` so the hidden turns can be read
+apart.
 """
 
 from __future__ import annotations
@@ -106,16 +107,20 @@ class ToyDelegateEnv:
         return None
 
 
+DELEGATE_WORDS = ("call", "tool", "with", "a")
+
+
 @parsers.register("toy_delegate")
 class DelegateParser:
-    """A reply whose first word is one of the words (``w0``, ``w1``, ...) is the ``answer``
-    tool's text; any other reply starts a sub-agent, with the reply as its task."""
+    """A reply whose first word is one of ``DELEGATE_WORDS`` starts a sub-agent (the reply is
+    its task); any other reply is the ``answer`` tool's text. (Four words of a tiny model's
+    vocabulary of about twenty: a random policy delegates about one reply in six.)"""
 
     def parse(self, text: str) -> ToolCall:
         words = text.split()
-        if words and words[0].startswith("w") and words[0][1:].isdigit():
-            return ToolCall("answer", {"text": text.strip()}, raw=text)
-        return ToolCall("spawn_subagent", {"task": text.strip() or "the word"}, raw=text)
+        if words and words[0] in DELEGATE_WORDS:
+            return ToolCall("spawn_subagent", {"task": text.strip()}, raw=text)
+        return ToolCall("answer", {"text": text.strip()}, raw=text)
 
     def format_tools(self, tools: list[dict]) -> str:
         return ""

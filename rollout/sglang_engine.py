@@ -487,10 +487,10 @@ def launch_engines(cfg: Any, model_path: str, log_dir: str, placement: Any = Non
     if e.kind == "cpu":
         from urllib.parse import urlparse
 
-        from relayrl.rollout.engine_actor import EngineServerActor
+        from relayrl.rollout.engine_actor import EngineServerActor as CpuEngineServerActor
 
         threads = e.num_threads or os.cpu_count()
-        actor_cls = ray.remote(num_cpus=0)(EngineServerActor)
+        actor_cls = ray.remote(num_cpus=0)(CpuEngineServerActor)
 
         def spawn(i: int, path: str | None = None, version: int | None = None, port: int = 0) -> Any:
             actor = actor_cls.remote(str(path or model_path), max_batch_size=e.max_batch_size, max_seq_len=e.max_seq_len,

@@ -144,3 +144,55 @@ def test_fleet_router_sync_restart(tiny_model_dir, tmp_path):
     finally:
         fleet.shutdown()
     assert all(s.proc is None for s in fleet.servers) and not fleet.router.proc.alive()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_ROUTER, reason="the sglang-router binary (sglang extra) is not installed")
+def test_sglang_kind_on_logical_gpus(tiny_model_dir, tmp_path):
+    """``engine.kind: sglang`` as a job launches it: a placement group on Ray's logical GPUs, one
+    ``EngineServerActor`` per engine holding its GPU bundle, SGLang's command line (here run by
+    ``support.cpu_as_sglang``, relayrl's CPU server in SGLang's place), the router in front; a
+    server process that dies inside its live actor is relaunched by that actor."""
+    import os
+    import signal
+    from pathlib import Path
+
+    import ray
+
+    from relayrl.config import load_config
+    from relayrl.rl.placement import plan_placement, reserve
+    from relayrl.rollout.sglang_engine import launch_engines
+
+    tests_dir = str(Path(__file__).parent)
+    ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
+    fleet = None
+    try:
+        cfg = load_config(None, [
+            f"model.path={tiny_model_dir}", "engine.kind=sglang", "engine.num_engines=2", "engine.router=true",
+            "engine.sglang.router_policy=round_robin", "engine.max_seq_len=256", "ray.gpus_per_node=2",
+            "engine.sglang.launch_command=[python, -m, support.cpu_as_sglang]",
+            "engine.sglang.extra_args=[--num-threads, '1', --max-seq-len, '256']", "engine.sglang.startup_timeout_s=180",
+            "rollout.max_context_tokens=256"])
+        plan = plan_placement("disaggregated", trainer_ranks=1, num_engines=2, engine_tp=1, cpus_per_bundle=0)
+        pg = reserve(plan, timeout_s=60)
+        fleet = launch_engines(cfg, str(tiny_model_dir), str(tmp_path / "logs"), (plan, pg))
+        assert len(fleet.update_urls) == 2 and fleet.urls == [fleet.router.url]
+        logs = sorted((tmp_path / "logs").glob("engine-*-0.log"))
+        assert len(logs) == 2 and all("dropped: --tp-size 1" in p.read_text() for p in logs)
+        tokens = [4, 16, 17, 18]
+        base, _ = asyncio.run(_score_and_generate(fleet.urls, tokens))
+
+        pid = ray.get(fleet.servers[0].pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        assert fleet.dead() == [0]
+        assert fleet.supervise(None, None) == [0]
+        assert ray.get(fleet.servers[0].pid.remote()) != pid  # the same actor, a new server process
+        assert fleet.dead() == [] and sorted(w["url"] for w in fleet.router.workers()) == sorted(fleet.update_urls)
+        for _ in range(2):
+            s, c = asyncio.run(_score_and_generate(fleet.urls, tokens))
+            assert s == base and len(c.output_ids) == 3
+    finally:
+        if fleet is not None:
+            fleet.shutdown()
+        ray.shutdown()

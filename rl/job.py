@@ -232,9 +232,6 @@ class Job:
                                   "pip install -c constraints.txt 'relayrl[sglang]' or set engine.router=false")
         if self.cfg.trainer.backend == "megatron":
             check_megatron_available(self.model_path, self.cfg.trainer.megatron.tensor_parallel_size)
-        if self.cfg.engine.kind == "sglang" and not self.cfg.ray.address and not torch.cuda.is_available():
-            raise ConfigError("engine.kind: 'sglang' launches SGLang servers on GPUs and this machine has none; "
-                              "use engine.kind=cpu here, engine.kind=external with engine.urls, or ray.address of a GPU cluster")
 
     def _start_ray(self) -> None:
         if ray.is_initialized():
@@ -397,7 +394,8 @@ class Job:
                                   cfg.engine.sglang.tp_size, roles, cfg.ray.gpus_per_node, cpus_per_bundle=0)
             return plan, reserve(plan)
         except (ValueError, RuntimeError) as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(f"engine.kind=sglang: {err} (on a machine without GPUs use engine.kind=cpu, or "
+                              "engine.kind=external with engine.urls)") from None
 
     def supervise_engines(self, force: bool = False) -> list[int]:
         """Restart dead engines with the current weights (probed every engine.health_check_interval_s).

@@ -74,15 +74,17 @@ def plan_placement(mode: Mode, trainer_ranks: int, num_engines: int, engine_tp: 
 
 
 def reserve(plan: PlacementPlan, timeout_s: float = 300.0) -> Any:
-    """Create and wait for the placement group of ``plan``; RuntimeError naming what is missing."""
+    """Create and wait for the placement group of ``plan``; RuntimeError naming what is missing
+    (at once if the cluster has fewer GPUs in all, else after ``timeout_s``)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    pg = placement_group(plan.bundles, strategy="PACK")
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    have = ray.cluster_resources().get("GPU", 0)
+    pg = placement_group(plan.bundles, strategy="PACK") if have >= plan.total_gpus else None
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s) if pg is not None else ([], [])
     if not ready:
-        have = ray.cluster_resources().get("GPU", 0)
-        remove_placement_group(pg)
+        if pg is not None:
+            remove_placement_group(pg)
         raise RuntimeError(
             f"ray.placement={plan.mode}: the job needs {plan.total_gpus} GPUs in {len(plan.bundles)} bundles "
             f"and the Ray cluster has {have:g} GPUs in all (or not enough free within {timeout_s:g} s). "

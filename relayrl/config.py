@@ -370,7 +370,7 @@ class MegatronConfig(_Section):
     (``cu_seqlens``, flash attention; use it). Without: a dense block-diagonal mask over the
     packed row, whose attention costs (sum of lengths)^2 instead of rows x longest^2: it pays
     only when lengths vary a lot and stay short."""
-    transformer_engine: Literal["auto", "on", "off"] = "auto"
+    transformer_engine: bool | Literal["auto"] = "auto"
     """Layer spec: Transformer Engine's (fused kernels, flash attention, THD packing; needed for
     long contexts) or megatron-core's local one (plain torch; attention scores are materialised,
     (heads, T, T) per row). ``auto``: TE when it is installed and CUDA is available."""

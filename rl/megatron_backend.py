@@ -149,16 +149,16 @@ class ValueHead(torch.nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias), None
 
 
-def use_transformer_engine(setting: str) -> bool:
-    """``trainer.megatron.transformer_engine`` resolved: auto = installed and CUDA available."""
+def use_transformer_engine(setting: bool | str) -> bool:
+    """``trainer.megatron.transformer_engine`` resolved: ``auto`` = installed and CUDA available."""
     import importlib.util
 
-    if setting == "off":
+    if setting is False:
         return False
     have = torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
-    if setting == "on" and not have:
-        raise RuntimeError("trainer.megatron.transformer_engine=on needs transformer_engine installed and CUDA GPUs; "
-                           "set it to auto or off")
+    if setting is True and not have:
+        raise RuntimeError("trainer.megatron.transformer_engine=true needs transformer_engine installed and CUDA "
+                           "GPUs; set it to auto or false")
     return have
 
 

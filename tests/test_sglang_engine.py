@@ -196,3 +196,16 @@ def test_sglang_kind_on_logical_gpus(tiny_model_dir, tmp_path):
         if fleet is not None:
             fleet.shutdown()
         ray.shutdown()
+
+
+def test_cluster_config_validates():
+    """configs/cluster_ppo.yaml is a valid config of the scale-out keys (YAML booleans included)."""
+    from pathlib import Path
+
+    from relayrl.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "cluster_ppo.yaml")
+    assert (cfg.trainer.backend, cfg.engine.kind, cfg.engine.weight_sync, cfg.ray.placement) == (
+        "megatron", "sglang", "distributed", "disaggregated")
+    assert cfg.trainer.megatron.transformer_engine is True
+    assert cfg.trainer.world_size % cfg.trainer.megatron.tensor_parallel_size == 0

@@ -93,11 +93,11 @@ def test_cluster_config_end_to_end_on_one_gpu(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("setting", [
-    {"megatron": {"transformer_engine": "off", "pack_sequences": True}},
-    pytest.param({"megatron": {"transformer_engine": "on", "pack_sequences": True}},
+    {"megatron": {"transformer_engine": False, "pack_sequences": True}},
+    pytest.param({"megatron": {"transformer_engine": True, "pack_sequences": True}},
                  marks=pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
                                           reason="Transformer Engine is not installed")),
-    pytest.param({"megatron": {"transformer_engine": "on", "pack_sequences": False}},
+    pytest.param({"megatron": {"transformer_engine": True, "pack_sequences": False}},
                  marks=pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
                                           reason="Transformer Engine is not installed")),
     {"gradient_checkpointing": True},
@@ -113,7 +113,7 @@ def test_megatron_variants_equal_the_plain_one_on_cuda(tiny, setting):
                for n in (7, 12, 3, 9)]
     optim = OptimConfig(lr=1e-3, eps=1e-3, grad_clip=None)
     plain = MegatronBackend("policy", tiny, TrainerConfig(backend="megatron", micro_batch_size=4,
-                                                          megatron={"transformer_engine": "off"}), optim)
+                                                          megatron={"transformer_engine": False}), optim)
     other = MegatronBackend("policy", tiny, TrainerConfig(backend="megatron", micro_batch_size=4, **setting), optim)
     for a, b in zip(plain.forward_logprobs(samples), other.forward_logprobs(samples), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=2e-4)  # TE kernels: another summation order

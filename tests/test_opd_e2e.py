@@ -7,7 +7,6 @@ on the student before and after."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from relayrl.model import make_tiny_model
 pytestmark = pytest.mark.slow
 
 HIDDEN = 32
-STEPS = 40
+STEPS = 80
 TEACHER_STEPS = 30
 NUM_DOMAINS = 10
 PROMPTS_PER_DOMAIN = 2
@@ -97,7 +96,7 @@ env: {{name: relayrl.opd.env:PromptEnv, tasks: {tasks}}}
 rollout: {{parser: plain, tasks_per_step: 20, group_size: 8, max_turns: 1, max_new_tokens: 1,
           max_context_tokens: 64, episodes_per_worker: 160, temperature: 1.0}}
 algorithm: {{estimator: gae, kl_coef: 0.0, ppo_epochs: 4, num_minibatches: 1}}
-trainer: {{zero_stage: 2, micro_batch_size: 64, num_threads: 1, policy: {{lr: 3.0e-3, grad_clip: 1.0}}}}
+trainer: {{zero_stage: 2, micro_batch_size: 64, num_threads: 1, policy: {{lr: 5.0e-3, grad_clip: 1.0}}}}
 train: {{steps: {STEPS}, save_every: {STEPS}}}
 logging: {{wandb: disabled, progress: false}}
 distill:
@@ -114,7 +113,7 @@ distill:
     return path
 
 
-def test_ten_teachers_distil_into_one_student(tmp_path, capsys):
+def test_ten_teachers_distil_into_one_student(tmp_path):
     base, teachers, tasks = build(tmp_path)
     config = write_config(tmp_path, base, teachers, tasks)
 
@@ -132,8 +131,9 @@ def test_ten_teachers_distil_into_one_student(tmp_path, capsys):
     after = json.loads((tmp_path / "after.json").read_text())["domains"]
     kl_before = [before[d]["student/reverse_kl"] for d in DOMAINS]
     kl_after = [after[d]["student/reverse_kl"] for d in DOMAINS]
-    # Every domain's KL(student || its teacher) falls at least 5-fold, the mean at least 10-fold
-    # (seen in a pure-torch rehearsal of this setup: from 4.3-7.7 to under 0.4 by step 35).
+    # Every domain's KL(student || its teacher) falls at least 5-fold, the mean at least 10-fold.
+    # The domains are learnt one after another (the student shares its weights, and a domain can
+    # drift while others are learnt): with 60 steps 9 of 10 had, so the test runs 80.
     for d, kl0, kl1 in zip(DOMAINS, kl_before, kl_after):
         assert kl1 < kl0 / 5, (d, kl0, kl1)
     assert sum(kl_after) < sum(kl_before) / 10, (kl_before, kl_after)

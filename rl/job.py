@@ -351,14 +351,15 @@ class Job:
 
     def sync_weights(self, version: int) -> None:
         """Trainer -> every engine, by ``engine.weight_sync``: ``disk`` writes the policy's weights
-        once and the engines load them; ``distributed`` broadcasts them from the trainer's rank 0."""
+        once and the engines load them; ``distributed`` broadcasts them from the trainer's rank 0;
+        ``tensor`` hands colocated engines CUDA IPC handles. Dead engines are restarted first."""
         assert self._weights_dir is not None
         e = self.cfg.engine
         if e.weight_sync in ("distributed", "tensor") and self.fleet is not None:
             bucket = e.weight_sync_bucket_mb * 2**20
             for attempt in range(2):
                 # Dead engines first: a broadcast would wait for them. One that dies during the
-                # sync fails it; it is then restarted (from the current, pre-sync weights) and
+                # sync fails it; it is then restarted (from the policy's weights, exported) and
                 # the sync is made once more with a new group.
                 self.supervise_engines(force=True)
                 try:
@@ -377,6 +378,7 @@ class Job:
             return
         path = self._weights_dir / f"v{version:06d}"
         self.policy.export_hf(str(path))
+        self.supervise_engines(force=True)  # a restarted engine loads this export itself
         asyncio.run(_update_engines(self.engine_urls, str(path), version, e.request_timeout_s))
         if self.fleet is not None:
             self._engine_version = asyncio.run(_engine_version(self.engine_urls, e.request_timeout_s))

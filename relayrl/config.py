@@ -547,6 +547,9 @@ class Config(_Section):
         if e.weight_sync == "distributed" and e.kind == "external":
             raise ValueError("engine.weight_sync: 'distributed' needs engines relayrl launches (engine.kind cpu or "
                              "sglang); for external servers use disk")
+        if e.kind == "sglang" and self.ray.placement == "colocated" and self.rollout.max_weight_lag != 0:
+            raise ValueError("rollout.max_weight_lag: colocated engines sleep while the trainer uses their GPUs, "
+                             "so generation cannot run ahead; set it to 0 or use ray.placement=disaggregated")
         if e.kind == "sglang" and e.sglang.tp_size > self.ray.gpus_per_node:
             raise ValueError(f"engine.sglang.tp_size ({e.sglang.tp_size}) exceeds ray.gpus_per_node "
                              f"({self.ray.gpus_per_node}); an engine must fit on one node")

@@ -263,6 +263,7 @@ class Job:
         urls = self.fleet.urls if self.fleet is not None else list(cfg.engine.urls)
         self.engine_urls = self.fleet.update_urls if self.fleet is not None else urls
         self._last_health_check = time.monotonic()
+        self._engines_asleep = False
 
         self.buffer = BufferActor.options(num_cpus=0).remote(
             str(self.run_dir), cfg.rollout.group_size, cfg.rollout.max_weight_lag)
@@ -302,7 +303,8 @@ class Job:
             ray.get(self.buffer.restore.remote(self.state.consumed))
             held = set(ray.get(self.buffer.known_trajectory_ids.remote()))
         self.rollouts = RolloutScheduler(cfg, self.workers, self.buffer, self.tasks, self.state.slot_cursor,
-                                         respawn_worker=self._new_worker, on_wait=self.supervise_engines)
+                                         respawn_worker=self._new_worker, on_wait=self.supervise_engines,
+                                         on_collected=self._engines_sleep if self._colocated() else None)
         if cfg.run.resume:
             self.rollouts.resume(set(self.state.consumed), held)
         self._weights_dir = _weights_root(cfg.run.name)
@@ -355,6 +357,9 @@ class Job:
         ``tensor`` hands colocated engines CUDA IPC handles. Dead engines are restarted first."""
         assert self._weights_dir is not None
         e = self.cfg.engine
+        if self._colocated() and self._engines_asleep:
+            self.fleet.resume_memory()
+            self._engines_asleep = False
         if e.weight_sync in ("distributed", "tensor") and self.fleet is not None:
             bucket = e.weight_sync_bucket_mb * 2**20
             for attempt in range(2):
@@ -385,6 +390,15 @@ class Job:
         for old in self._weights_dir.glob("v*"):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _colocated(self) -> bool:
+        return self.cfg.engine.kind == "sglang" and self.cfg.ray.placement == "colocated" and self.fleet is not None
+
+    def _engines_sleep(self) -> None:
+        """Colocated: the step's rollouts are in; the engines free the GPUs for the trainer until
+        the weight sync (SGLang's memory saver; GPU only, not run on the CPU machine)."""
+        self.fleet.release_memory()
+        self._engines_asleep = True
 
     def _reserve_gpus(self) -> tuple[Any, Any]:
         from .placement import plan_placement, reserve

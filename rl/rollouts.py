@@ -28,16 +28,19 @@ class RolloutScheduler:
     the buffer neither holds nor has handed out) are issued again to the replacement, at most
     ``max_worker_restarts`` times per run. Finished trajectories live in the buffer actor and its
     fsynced file, so none is lost with the worker. ``on_wait()`` runs about once a second while
-    ``collect`` waits (the job probes and restarts engines there).
+    ``collect`` waits (the job probes and restarts engines there); ``on_collected()`` once the
+    step's groups are in (colocated engines release their GPU memory to the trainer there).
     """
 
     def __init__(self, cfg: Config, workers: list[Any], buffer: Any, tasks: list[dict[str, Any]],
                  slot_cursor: int, respawn_worker: Callable[[int], Any] | None = None,
-                 on_wait: Callable[[], None] | None = None, max_worker_restarts: int = 3) -> None:
+                 on_wait: Callable[[], None] | None = None, max_worker_restarts: int = 3,
+                 on_collected: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.workers = workers
         self.respawn_worker = respawn_worker
         self.on_wait = on_wait
+        self.on_collected = on_collected
         self.max_worker_restarts = max_worker_restarts
         self.worker_restarts = 0
         self._jobs_of: dict[ray.ObjectRef, tuple[int, list[EpisodeJob]]] = {}
@@ -122,7 +125,10 @@ class RolloutScheduler:
             if self.on_wait is not None and not ready:
                 self.on_wait()
             if ready:
-                return ray.get(ref)
+                groups = ray.get(ref)
+                if self.on_collected is not None:
+                    self.on_collected()
+                return groups
 
     def idle(self) -> bool:
         self._raise_worker_errors()

@@ -452,6 +452,19 @@ class EngineFleet:
             except Exception:  # noqa: BLE001 - already gone
                 pass
 
+    def release_memory(self) -> None:
+        """Colocated engines hand their GPU memory (weights and KV cache) to the trainer:
+        SGLang's ``/release_memory_occupation`` (servers started with ``--enable-memory-saver``)."""
+        for url in self.server_urls:
+            _require_success(http_json("POST", url + "/release_memory_occupation", {}, timeout=600),
+                             "release_memory_occupation", url)
+
+    def resume_memory(self) -> None:
+        """Take it back before the weight sync (``/resume_memory_occupation``)."""
+        for url in self.server_urls:
+            _require_success(http_json("POST", url + "/resume_memory_occupation", {}, timeout=600),
+                             "resume_memory_occupation", url)
+
     def _actor_alive(self, server: Any) -> bool:
         try:
             self._call(server, "url")
@@ -511,6 +524,8 @@ def launch_engines(cfg: Any, model_path: str, log_dir: str, placement: Any = Non
 
     def spawn_sglang(i: int, path: str | None = None, version: int | None = None) -> Any:
         extra = list(e.sglang.extra_args)
+        if plan.mode == "colocated" and "--enable-memory-saver" not in extra:
+            extra.append("--enable-memory-saver")  # so that it can release its memory while the trainer runs
         env: dict[str, str] = {}
         opts: dict[str, Any] = {"num_gpus": plan.engine_gpus, "num_cpus": 0}
         if pg is not None:

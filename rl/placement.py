@@ -17,10 +17,11 @@ colocated
     GPU and sees the node's GPUs, so its group must be ``tp`` consecutive GPUs of one node:
     ``tp`` must divide ``ray.gpus_per_node`` (checked) and the bundles are packed node by node
     (``STRICT_PACK`` within a node-sized group is Ray's to honour; on a shared cluster reserve
-    whole nodes). Generation and training alternate (on-policy); weights go as CUDA IPC
-    handles (``engine.weight_sync: tensor``) without a copy. Engines release their KV cache
-    memory while the trainer runs (SGLang's ``--enable-memory-saver`` with
-    ``/release_memory_occupation``; pass it in ``engine.sglang.extra_args``).
+    whole nodes). Generation and training alternate (on-policy, ``rollout.max_weight_lag: 0``);
+    weights go as CUDA IPC handles (``engine.weight_sync: tensor``) without a copy. The engines
+    are started with SGLang's ``--enable-memory-saver``; the job calls
+    ``/release_memory_occupation`` once a step's rollouts are in and ``/resume_memory_occupation``
+    before the weight sync, so the trainer has the GPUs' memory while it trains.
 
 ``plan_placement`` is a pure function (tested on its own); ``reserve`` asks Ray for the
 bundles and fails with a message that names the GPUs missing.

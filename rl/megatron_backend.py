@@ -32,8 +32,13 @@ layer spec (CPU tests, or GPUs without Transformer Engine) packing uses a block-
 mask: RoPE scores depend only on the distance between query and key, so a sequence packed at
 offset o gives the same result as at offset 0 (up to float rounding; the equivalence is
 tested). With Transformer Engine's spec (``trainer.megatron.transformer_engine``, GPUs) it is
-THD packing with ``cu_seqlens`` (not run on this CPU machine). Logits are gathered over TP and cut to the true vocabulary before any softmax; the
+THD packing with ``cu_seqlens`` (not run on this CPU machine).
+
+Logits are gathered over TP and cut to the true vocabulary before any softmax; the
 log-probabilities come from ``deepspeed_backend.token_logprobs_and_entropy``, the same kernel.
+(Gathering costs every TP rank a full ``(tokens, vocab)`` logits tensor per micro-batch; a
+vocab-parallel log-softmax would not, and is not in this version: bound micro-batches with
+``trainer.max_tokens_per_micro_batch``.)
 
 Devices
 -------

@@ -2,21 +2,23 @@
 
 ``toy_delegate`` (with ``subagents.enabled``) is ``toy_echo`` with hidden turns. Each of
 ``num_turns`` turns the main agent must answer one word (``w0..w3``): on a *direct* turn it is
-shown "say w2", as in ``toy_echo``; on a *hidden* turn (about half) it reads only "answer the
-word", and the word is in the start a sub-agent gets (``subagent_reset``: "say w2"), as a
-retrieval tool or a file would hold it in a real task. The reward is the fraction of turns
-answered right (first word).
+shown "say w2", as in ``toy_echo``; on a *hidden* turn (about half) it is told only to call a
+sub-agent ("say call"), and the word is in the start a sub-agent gets (``subagent_reset``: "say
+w2"), as a retrieval tool or a file would hold it in a real task. The reward is the fraction of
+turns answered right (first word).
 
-On hidden turns no policy without a sub-agent beats chance (1/4). With one, a hidden turn is
-three steps: delegate (``DelegateParser`` reads a reply that starts with one of a few words,
+On hidden turns no policy without a sub-agent beats chance (1/4). With one, a hidden turn takes
+three steps, each the skill the direct turns teach ("repeat the word you are shown"): the parent
+follows "say call" (``DelegateParser`` reads a reply that starts with one of a few words,
 ``call`` among them, as ``spawn_subagent``), the child, shown "say w2", repeats "w2" (its reply
 is its answer, ``FinalAnswerParser``), and the answer comes back as "say w2"
-(``render_subagent_answer``) for the parent to repeat. The direct turns teach "repeat the word
-you are shown", the skill the child and the parent then both use, so what the hidden turns add
-is learning when to delegate, and the child's tokens get their credit only through the
-parent's value where its answer returns (``rl/batching.py``). ``score`` reports
-``hidden_turns``, ``hidden_correct`` and ``hidden_delegated`` so the hidden turns can be read
-apart.
+(``render_subagent_answer``) for the parent to repeat. All three must be right for the turn to
+score, and the child's tokens get their credit only through the parent's value where its answer
+returns (``rl/batching.py``). The task tells the agent to delegate rather than leaving it to be
+discovered: a tiny model's random replies rarely delegate, and one that has learned to answer
+never does, so RL alone would not find it (seen: 30 steps with an untold hidden turn stayed at
+chance). ``score`` reports ``hidden_turns``, ``hidden_correct`` and ``hidden_delegated`` so the
+hidden turns can be read apart.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from relayrl.types import ToolCall
 from .base import Reset, Score, StepResult
 from .toy import ANSWER_TOOL
 
-HIDDEN_PROMPT = "answer the word"
+HIDDEN_PROMPT = "say call"
 
 
 @envs.register("toy_delegate")

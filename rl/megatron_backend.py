@@ -34,11 +34,11 @@ offset o gives the same result as at offset 0 (up to float rounding; the equival
 tested). With Transformer Engine's spec (``trainer.megatron.transformer_engine``, GPUs) it is
 THD packing with ``cu_seqlens`` (not run on this CPU machine).
 
-Logits are gathered over TP and cut to the true vocabulary before any softmax; the
-log-probabilities come from ``deepspeed_backend.token_logprobs_and_entropy``, the same kernel.
-(Gathering costs every TP rank a full ``(tokens, vocab)`` logits tensor per micro-batch; a
-vocab-parallel log-softmax would not, and is not in this version: bound micro-batches with
-``trainer.max_tokens_per_micro_batch``.)
+Log-probabilities and entropies: at TP 1 from ``deepspeed_backend.token_logprobs_and_entropy``,
+the DeepSpeed backend's own kernel, on logits cut to the true vocabulary. At TP > 1 the logits
+stay sharded by vocabulary and ``rl.megatron_logprobs`` computes the same quantities with three
+all-reduces of per-token vectors (no rank ever holds the full ``(tokens, vocab)`` logits); TP=2
+is tested equal to TP=1.
 
 Devices
 -------
@@ -73,6 +73,7 @@ from relayrl.rl.deepspeed_backend import (
     plan_micro_batches,
     token_logprobs_and_entropy,
 )
+from relayrl.rl.megatron_logprobs import vocab_parallel_logprobs_and_entropy
 from relayrl.rl.megatron_convert import (
     VALUE_HEAD,
     ArchSpec,
@@ -168,7 +169,7 @@ def use_transformer_engine(setting: bool | str) -> bool:
 
 
 def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te: bool = False,
-                    recompute: bool = False) -> torch.nn.Module:
+                    recompute: bool = False, vocab_parallel: bool = False) -> torch.nn.Module:
     """megatron-core's GPTModel for ``spec`` (parallel state initialised), with Transformer
     Engine's layer spec (``te``) or the local one; ``recompute``: full activation recomputation
     of every layer in backward (``trainer.gradient_checkpointing``; megatron's checkpoint saves
@@ -222,7 +223,7 @@ def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te:
         position_embedding_type="rope",
         rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
         share_embeddings_and_output_weights=tie,
-        parallel_output=False,  # gather logits over TP; they are cut to the true vocabulary next
+        parallel_output=vocab_parallel,  # False: logits gathered over TP, then cut to the true vocabulary
     )
     if role == "critic":
         model.output_layer = ValueHead(spec.hidden_size, dtype)
@@ -276,8 +277,10 @@ class MegatronBackend:
 
         torch.manual_seed(seed)
         hf_state = self._hf_state(self.model_path)  # a fresh critic head draws first, as DeepSpeed's does
+        self.vocab_parallel = self.tp > 1 and role != "critic"
         self.model = build_gpt_model(self.spec, self.tp, self.dtype, role, self.te,
-                                     recompute=trainer_cfg.gradient_checkpointing and role != "reference").to(self.device)
+                                     recompute=trainer_cfg.gradient_checkpointing and role != "reference",
+                                     vocab_parallel=self.vocab_parallel).to(self.device)
         self._load_hf(hf_state)
         self.model.eval()
         self.optimizer = self.scheduler = None
@@ -396,14 +399,21 @@ class MegatronBackend:
         return padded.reshape(b, T, -1)
 
     def _width(self) -> int:
-        return 1 if self.role == "critic" else self.spec.vocab_size
+        if self.role == "critic":
+            return 1
+        return self.spec.padded_vocab(self.tp) // self.tp if self.vocab_parallel else self.spec.vocab_size
 
     def _forward(self, mb: MicroBatch, temperature: float) -> dict[str, torch.Tensor]:
         m = mb["attention_mask"]
         out = self._model_out(mb)
         if self.role == "critic":
             return {"values": out.squeeze(-1).float() * m.float()}
-        logprobs, entropy = token_logprobs_and_entropy(out, mb["tokens"], temperature)
+        if self.vocab_parallel:
+            shard = self.spec.padded_vocab(self.tp) // self.tp
+            logprobs, entropy = vocab_parallel_logprobs_and_entropy(
+                out, mb["tokens"], self.tp_rank * shard, self.spec.vocab_size, self.tp_group, temperature)
+        else:
+            logprobs, entropy = token_logprobs_and_entropy(out, mb["tokens"], temperature)
         mf = m.to(logprobs.dtype)
         return {"logprobs": logprobs * mf, "entropy": entropy * mf}
 

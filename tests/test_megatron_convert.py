@@ -158,3 +158,32 @@ def test_transformer_engine_names_round_trip():
     assert "decoder.final_layernorm.weight" in te  # not fused: it has no linear after it
     assert te["decoder.layers.0.mlp.linear_fc1.layer_norm_weight"] is local["decoder.layers.0.pre_mlp_layernorm.weight"]
     assert from_te_names(te).keys() == local.keys()
+
+
+def test_vocab_parallel_logprobs_equal_the_full_kernel():
+    """The sharded kernel on one rank holding the whole (padded) vocabulary equals the reference
+    on the unpadded logits, values and gradients; two half-vocabulary shards summed (what the
+    all-reduces do) equal it too (see tests/test_megatron_backend.py for the real TP=2 run)."""
+    from relayrl.rl.deepspeed_backend import token_logprobs_and_entropy
+    from relayrl.rl.megatron_logprobs import vocab_parallel_logprobs_and_entropy
+
+    g = torch.Generator().manual_seed(0)
+    V, Vp = 37, 40  # 3 padding columns, as TP=4 (or 8) padding would add
+    logits = torch.randn(2, 5, Vp, generator=g) * 3
+    tokens = torch.randint(0, V, (2, 5), generator=g)
+    w_lp, w_ent = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)  # arbitrary upstream grads
+
+    a = logits[..., :V].clone().requires_grad_(True)
+    lp_ref, ent_ref = token_logprobs_and_entropy(a, tokens, temperature=0.7)
+    ((lp_ref * w_lp).sum() + (ent_ref * w_ent).sum()).backward()
+
+    b = logits.clone().requires_grad_(True)
+    lp, ent = vocab_parallel_logprobs_and_entropy(b, tokens, 0, V, None, temperature=0.7)
+    ((lp * w_lp).sum() + (ent * w_ent).sum()).backward()
+    # |x| reaches ~15 here (scale 3 / temperature 0.7): fp32 rounding of lse and of E, sums of 37
+    # terms of that size computed in another order, is ~1e-5; a wrong term is >= 1e-2.
+    torch.testing.assert_close(lp, lp_ref, rtol=0, atol=3e-5)
+    torch.testing.assert_close(ent, ent_ref, rtol=0, atol=3e-5)
+    torch.testing.assert_close(b.grad[..., :V], a.grad, rtol=0, atol=3e-5)
+    assert torch.equal(b.grad[..., V:], torch.zeros(2, 5, Vp - V))  # padding gets no gradient
+    assert float(a.grad.abs().max()) > 1e-2

@@ -4,9 +4,10 @@ NOT PASSING YET, so opt-in (RELAYRL_SUBAGENT_LEARNING=1). Seen in 30-step runs f
 tiny model: hidden-turn accuracy 0.2-0.3 (chance 0.25), direct-turn accuracy about 0.2 at step
 19 where toy_echo alone is at 0.9 by step 20; a variant that first trains toy_echo and then
 toy_delegate never delegated (a policy that learned to answer stops exploring the sub-agent).
-Why the direct turns learn so much slower here than in toy_echo is not understood yet (the
-reward is diluted by the hidden turns' guesses; whether the children's traces disturb the
-update was not isolated)."""
+The children's traces are not what slows it: with subagents disabled on the same env the direct
+turns learn as slowly (0.26 at step 21). The likely cause is the task: half the turns add
+reward noise (guesses) to the one episode reward every direct answer is credited with, so the
+env, not the credit rule, is what needs redesigning (per-turn rewards, or fewer hidden turns)."""
 
 from __future__ import annotations
 

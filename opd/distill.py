@@ -2,9 +2,9 @@
 (teachers), advantages, train actor, sync weights, log, checkpoint; the merged student is
 written as an HF checkpoint at the end.
 
-It is the RL driver (``rl/driver.py``) with the task advantage replaced by, or added to, the
-per-token reverse KL to each sample's teacher (``opd.signal``). Everything else is the RL job's
-own: rollout workers, buffer, engines, the DeepSpeed policy trainer, the clipped
+It is the RL driver (``rl.driver.train``) run with a ``DistillJob``: the task advantage is
+replaced by, or added to, the per-token reverse KL to each sample's teacher (``opd.signal``).
+Everything else is the RL job's own: rollout workers, buffer, engines, the DeepSpeed policy trainer, the clipped
 policy-gradient loss (``rl.ppo.make_policy_loss_fn``), weight sync, checkpoints, resume, metrics.
 The teachers live in a ``TeacherPool`` inside one Ray actor (``TeacherPoolActor``), so their
 memory is not the driver's and the pool can sit on the hosts that have it.
@@ -13,7 +13,6 @@ memory is not the driver's and the pool can sit on the hosts that have it.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,9 @@ import ray
 import torch
 
 from relayrl.config import Config, ConfigError
-from relayrl.rl.batching import base_samples, flatten, gae_advantages, grpo_advantages, pad
-from relayrl.rl.driver import StepTimer
-from relayrl.rl.job import Job, rollout_metrics
+from relayrl.rl.batching import pad
+from relayrl.rl.driver import train
+from relayrl.rl.job import Job
 from relayrl.types import SubTrace
 
 from .pool import CpuTeacherLoader, PoolBudgetError, TeacherPool
@@ -90,8 +89,13 @@ class DistillJob(Job):
         source = self.cfg.env.tasks or f"the built-in tasks of {self.cfg.env.name!r}"
         self.router = check_distill(self.cfg, self.model_path, [str(t.get("domain", "")) for t in self.tasks], source)
 
+    distills = True
+
     def needs_critic(self) -> bool:
-        return self.cfg.distill.add_task_advantage and self.cfg.algorithm.estimator == "gae"
+        return self.uses_task_advantage() and self.cfg.algorithm.estimator == "gae"
+
+    def uses_task_advantage(self) -> bool:
+        return self.cfg.distill.add_task_advantage
 
     def _build(self) -> None:
         super()._build()
@@ -108,6 +112,12 @@ class DistillJob(Job):
             smp["teacher_logprobs"] = torch.tensor(lp, dtype=torch.float32) * smp["loss_mask"]
         stats = ray.get(self.pool.stats.remote())
         return {f"opd/teacher_{k}": v for k, v in stats.items()}
+
+    def distill_advantages(self, subs: list[SubTrace], samples: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        return distill_advantages(subs, samples, self.cfg, self.router)
+
+    def finish(self) -> None:
+        self.export_student()
 
     def export_student(self) -> Path:
         out = self.run_dir / STUDENT_DIR
@@ -160,44 +170,4 @@ def distill_advantages(subs: list[SubTrace], samples: list[dict[str, torch.Tenso
 def distill(cfg: Config) -> Path:
     """Run (or resume) a distillation job; return its run directory (the student is in
     ``<run_dir>/student``)."""
-    with DistillJob.start(cfg) as job:
-        state = job.state
-        for step in range(state.step, cfg.train.steps):
-            timer = StepTimer()
-            t0 = time.perf_counter()
-            with timer("generate"):
-                groups = job.rollouts.collect(step, state.weight_version)
-            sub_traces = flatten(groups)
-            samples = base_samples(sub_traces)
-            metrics: dict[str, Any] = rollout_metrics(groups, sub_traces) | job.record_verdicts(step + 1, groups)
-
-            with timer("score"):
-                job.score(samples)
-            with timer("teacher_score"):
-                metrics |= job.teacher_score(sub_traces, samples)
-            if cfg.distill.add_task_advantage:
-                if cfg.algorithm.estimator == "gae":
-                    with timer("values"):
-                        raws = job.critic.forward_values(samples)
-                    metrics |= gae_advantages(sub_traces, samples, raws, cfg.algorithm)
-                    with timer("train_critic"):
-                        metrics |= job.update(job.critic, samples, step, role="critic")
-                else:
-                    metrics |= grpo_advantages(sub_traces, samples, cfg.algorithm)
-            metrics |= distill_advantages(sub_traces, samples, cfg, job.router)
-
-            with timer("train_actor"):
-                metrics |= job.update(job.policy, samples, step, role="policy")
-            with timer("weight_sync"):
-                state.weight_version += 1
-                job.sync_weights(state.weight_version)
-
-            state.step = step + 1
-            state.slot_cursor = job.rollouts.slot_cursor
-            metrics |= timer.times | job.throughput(sub_traces, time.perf_counter() - t0)
-            metrics |= job.buffer_stats()
-            job.log(state.step, metrics)
-            if state.step % cfg.train.save_every == 0 or state.step == cfg.train.steps:
-                job.checkpoint(metrics)
-        job.export_student()
-        return job.run_dir
+    return train(cfg, DistillJob)

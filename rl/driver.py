@@ -26,9 +26,14 @@ class StepTimer:
         self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - t0
 
 
-def train(cfg: Config) -> Path:
-    """Run (or resume) a training job; return its run directory."""
-    with Job.start(cfg) as job:
+def train(cfg: Config, job_type: type[Job] = Job) -> Path:
+    """Run (or resume) a training job; return its run directory.
+
+    ``job_type`` adds stages without a second copy of this loop: a distillation job
+    (``opd.distill.DistillJob``) scores every sample with its domain's teacher and turns the
+    reverse KL into the advantage, in place of or on top of the task advantage.
+    """
+    with job_type.start(cfg) as job:
         state = job.state
         for step in range(state.step, cfg.train.steps):
             timer = StepTimer()
@@ -42,16 +47,21 @@ def train(cfg: Config) -> Path:
 
             with timer("score"):
                 job.score(samples)
-            if cfg.algorithm.estimator == "gae":
+            if job.distills:
+                with timer("teacher_score"):
+                    metrics |= job.teacher_score(sub_traces, samples)
+            if job.needs_critic():
                 with timer("values"):
                     raws = job.critic.forward_values(samples)
                 metrics |= gae_advantages(sub_traces, samples, raws, cfg.algorithm)
                 with timer("train_critic"):
                     metrics |= job.update(job.critic, samples, step, role="critic")
-            else:
+            elif job.uses_task_advantage():
                 metrics |= grpo_advantages(sub_traces, samples, cfg.algorithm)
+            if job.distills:
+                metrics |= job.distill_advantages(sub_traces, samples)
 
-            if step >= cfg.algorithm.critic_warmup_steps:
+            if step >= job.actor_start_step():
                 with timer("train_actor"):
                     metrics |= job.update(job.policy, samples, step, role="policy")
                 with timer("weight_sync"):
@@ -65,4 +75,5 @@ def train(cfg: Config) -> Path:
             job.log(state.step, metrics)
             if state.step % cfg.train.save_every == 0 or state.step == cfg.train.steps:
                 job.checkpoint(metrics)
+        job.finish()
         return job.run_dir

@@ -170,9 +170,24 @@ class Job:
         finally:
             job.close()
 
+    #: Whether the job has teachers (``opd.distill.DistillJob``): the driver then calls
+    #: ``teacher_score`` and ``distill_advantages``.
+    distills = False
+
     def needs_critic(self) -> bool:
         """Whether the job trains a critic (GAE does; a subclass such as distillation may not)."""
         return self.cfg.algorithm.estimator == "gae"
+
+    def uses_task_advantage(self) -> bool:
+        """Whether the env's reward becomes an advantage (GAE or group-relative)."""
+        return True
+
+    def actor_start_step(self) -> int:
+        """The first step that trains the actor: after the critic's warm-up, if it has one."""
+        return self.cfg.algorithm.critic_warmup_steps if self.needs_critic() else 0
+
+    def finish(self) -> None:
+        """After the last step (a subclass writes its outputs here)."""
 
     def _prepare_run_dir(self) -> None:
         cfg = self.cfg

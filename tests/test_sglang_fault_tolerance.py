@@ -74,7 +74,7 @@ def test_engine_and_worker_deaths_are_survived(tmp_path, tiny_model_dir):
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             n = len(finished.read_text().splitlines()) if finished.exists() else 0
-            if n >= 10:
+            if n >= 9:
                 break
             time.sleep(0.02)
         workers, engines = _pids("RolloutWorker"), _pids("EngineServerActor")
@@ -88,7 +88,11 @@ def test_engine_and_worker_deaths_are_survived(tmp_path, tiny_model_dir):
     try:
         train(cfg)
         t.join(5)
-        assert killed and killed["finished_before"] < 16, killed  # it fired during step 2
+        # It fired mid-run. On an idle machine that is during step 2's rollouts (16 = all of
+        # step 2 in); a starved polling thread can miss that window (seen once with another
+        # job on the cores), and the kill then lands in a later step, which must be survived
+        # all the same.
+        assert killed and killed["finished_before"] < 32, killed
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         assert [r["step"] for r in rows] == [1, 2, 3, 4]
         assert all(r["rollout/trajectories"] == 8 for r in rows)  # every group of every step arrived

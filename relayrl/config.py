@@ -337,8 +337,15 @@ class AlgorithmConfig(_Section):
     """Whiten GAE advantages over the batch's response tokens."""
     grpo_normalize_std: bool = True
     """Divide group-relative advantages by the group's reward std (off = Dr. GRPO)."""
-    use_rollout_logprobs: bool = False
-    """Use the engine's logprobs as the PPO old logprobs instead of recomputing them."""
+    old_logprobs: Literal["auto", "trainer", "engine"] = "auto"
+    """Where PPO's old logprobs come from. ``trainer``: a no-grad pass of the policy trainer
+    before the update. ``engine``: the logprobs the engine sampled with (no pass; they differ
+    from the trainer's by kernel and precision, and by the weight lag when off-policy).
+    ``auto``: when a step makes one optimizer step on its batch (``ppo_epochs`` 1,
+    ``num_minibatches`` 1) the trainer's old logprobs are its training forward's own, so that
+    forward's logprobs are used, detached, and the extra pass is skipped (the ratio is 1 by
+    construction, as the recomputed one would be); otherwise as ``trainer``. Distillation,
+    whose advantage is built from them before the update, always recomputes."""
 
 
 class OptimConfig(_Section):
@@ -382,8 +389,9 @@ class TrainerConfig(_Section):
     ``megatron`` (megatron-core, tensor parallel; GPUs, needs the ``megatron`` extra)."""
     megatron: MegatronConfig = MegatronConfig()
     """Parallel layout of the ``megatron`` backend (ignored by ``deepspeed``)."""
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    """DeepSpeed ZeRO stage."""
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    """DeepSpeed ZeRO stage. ``auto``: 0 on one rank in float32 (ZeRO partitions nothing over
+    one rank, and its flat buffers and reductions cost time), 2 otherwise."""
     world_size: int = Field(1, ge=1)
     """Data-parallel processes per trainer (gloo on CPU, NCCL on GPU)."""
     micro_batch_size: int = Field(4, ge=1)

@@ -17,7 +17,10 @@ The backend groups samples into micro-batches, right-pads them (padding is descr
 
 - Policy outputs per micro-batch: ``logprobs`` (b, t) where ``logprobs[:, i] =
   log p(tokens[i] | tokens[:i])`` at the sampling temperature (position 0 holds 0.0), and
-  ``entropy`` (b, t) aligned the same way.
+  ``entropy`` (b, t) aligned the same way. Only action positions (``loss_mask`` 1) are read by
+  anyone; a backend may leave positions before a micro-batch's first action unscored (0.0),
+  which spares a prompt the LM head (DeepSpeed does; samples without a ``loss_mask`` are scored
+  at every position).
 - Critic outputs: ``values`` (b, t) where ``values[:, i] = V(tokens[:i+1])``, the value of the
   state *after* token i. The value of the state in which action token i was sampled is
   therefore ``values[:, i-1]``; the last position gives the bootstrap value of a truncated

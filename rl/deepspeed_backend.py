@@ -29,11 +29,14 @@ Memory
 ------
 Log-probabilities and entropies are computed in fp32 from the model's logits in chunks of rows
 under activation checkpointing, so at most one chunk of fp32 ``(rows, vocab)`` temporaries is
-alive at a time, in forward and in backward.
+alive at a time, in forward and in backward (a micro-batch of one chunk is not checkpointed:
+its temporaries are no larger than its logits). Logits are computed from the first position
+an action token needs on (HF ``logits_to_keep``): a prompt costs no LM head.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -126,7 +129,9 @@ def collate(samples: list[Sample], device: torch.device | str = "cpu") -> MicroB
 
 
 def _chunk_logprobs_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
-    x = logits.float() / temperature
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
     lse = torch.logsumexp(x, dim=-1)
     logprobs = x.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     p = torch.exp(x - lse.unsqueeze(-1))
@@ -149,18 +154,19 @@ def token_logprobs_and_entropy(
         entropy: (b, t), ``entropy[:, i] = H(p(. | tokens[:i]))``; position 0 is 0.0.
 
     ``log p = x_tok - logsumexp(x)`` and ``H = logsumexp(x) - sum softmax(x) * x`` with
-    ``x = logits / temperature``, row by row in chunks (checkpointed when grad is needed).
+    ``x = logits / temperature``, row by row in chunks (checkpointed when grad is needed and there is more than one).
     """
     b, t, v = logits.shape
     targets = torch.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]  # the last position predicts nothing; its value is dropped below
     flat, flat_targets = logits.reshape(b * t, v), targets.reshape(b * t)
     rows = max(1, _CHUNK_BYTES // (4 * v))
-    grad = torch.is_grad_enabled() and logits.requires_grad
+    # One chunk holds no more than the logits themselves: recomputing it in backward saves nothing.
+    ckpt = torch.is_grad_enabled() and logits.requires_grad and b * t > rows
     lp_parts, ent_parts = [], []
     for s in range(0, b * t, rows):
         args = (flat[s : s + rows], flat_targets[s : s + rows], temperature)
-        lp, ent = checkpoint(_chunk_logprobs_entropy, *args, use_reentrant=False) if grad else _chunk_logprobs_entropy(*args)
+        lp, ent = checkpoint(_chunk_logprobs_entropy, *args, use_reentrant=False) if ckpt else _chunk_logprobs_entropy(*args)
         lp_parts.append(lp)
         ent_parts.append(ent)
     lp = torch.cat(lp_parts).reshape(b, t)
@@ -252,7 +258,10 @@ class DeepSpeedBackend:
         self.rank, self.world_size = rank, world_size
         self.seed = seed
         # ZeRO 1-2 partition optimizer state, which a frozen reference has none of: it is replicated.
-        self.zero_stage = 3 if trainer_cfg.zero_stage == 3 else (0 if role == "reference" else int(trainer_cfg.zero_stage))
+        stage = trainer_cfg.zero_stage
+        if stage == "auto":
+            stage = 0 if world_size == 1 and self.dtype == torch.float32 else 2
+        self.zero_stage = 3 if stage == 3 else (0 if role == "reference" else int(stage))
         if self.zero_stage == 0 and self.dtype != torch.float32 and role != "reference":
             raise ValueError(
                 f"trainer.zero_stage=0 with model.dtype={str(self.dtype).removeprefix('torch.')}: DeepSpeed's "
@@ -277,7 +286,13 @@ class DeepSpeedBackend:
         self.engine, *_ = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
+        if self.zero_stage == 0 and world_size == 1:
+            # Nothing to reduce over one rank; DeepSpeed would still flatten, "reduce" and copy back
+            # every gradient at each boundary (about a tenth of a small model's step on a CPU).
+            self.engine.enable_backward_allreduce = False
         self.engine.eval()
+        # HF causal LMs that take ``logits_to_keep`` compute the LM head on the last positions only.
+        self._keeps_logits = role != "critic" and "logits_to_keep" in inspect.signature(self.module.forward).parameters
 
     # -- construction
 
@@ -291,7 +306,8 @@ class DeepSpeedBackend:
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": 1,  # accumulation boundaries are set by hand, see the module doc
             "train_batch_size": cfg.micro_batch_size * self.world_size,
-            "gradient_clipping": float(optim.grad_clip or 0.0) if self.role != "reference" else 0.0,
+            # Without ZeRO the backend clips (one norm computation instead of two, see train_step).
+            "gradient_clipping": float(optim.grad_clip or 0.0) if self.role != "reference" and self.zero_stage else 0.0,
             "zero_optimization": zero,
             "bf16": {"enabled": self.dtype == torch.bfloat16},
             "fp16": {"enabled": self.dtype == torch.float16, "loss_scale": 0},
@@ -360,10 +376,30 @@ class DeepSpeedBackend:
         mask = mb["attention_mask"]
         if self.role == "critic":
             return {"values": compute_values(self.engine, mb["tokens"], mask)}
-        logits = self.engine(input_ids=mb["tokens"], attention_mask=mask, use_cache=False).logits
-        logprobs, entropy = token_logprobs_and_entropy(logits, mb["tokens"], temperature)
+        tokens = mb["tokens"]
+        start = self._first_scored_position(mb)
+        kwargs = {"logits_to_keep": tokens.shape[1] - start} if start else {}
+        logits = self.engine(input_ids=tokens, attention_mask=mask, use_cache=False, **kwargs).logits
+        logprobs, entropy = token_logprobs_and_entropy(logits, tokens[:, start:], temperature)
+        if start:
+            # Positions before ``start`` are no action's; they hold 0.0 (rl.backend conventions).
+            pad = logprobs.new_zeros(tokens.shape[0], start)
+            logprobs, entropy = torch.cat([pad, logprobs], dim=1), torch.cat([pad, entropy], dim=1)
         m = mask.to(logprobs.dtype)
         return {"logprobs": logprobs * m, "entropy": entropy * m}
+
+    def _first_scored_position(self, mb: MicroBatch) -> int:
+        """The first position whose logits the micro-batch's action tokens need, or 0 for all.
+
+        Logits at position j give the logprob of token j + 1, so action tokens from position a
+        on need logits from a - 1 on. The LM head and the fp32 log-softmax over the vocabulary
+        are the largest per-token cost after the layers; a prompt's positions skip them (HF's
+        ``logits_to_keep``). Samples without a ``loss_mask`` are scored everywhere.
+        """
+        if "loss_mask" not in mb or not self._keeps_logits:
+            return 0
+        actions = mb["loss_mask"].bool().any(dim=0).nonzero()
+        return max(int(actions[0]) - 1, 0) if len(actions) else 0
 
     def _forward_each(self, samples: list[Sample], key: str, temperature: float) -> list[torch.Tensor]:
         plan = self._plan(samples) if samples else []
@@ -433,7 +469,7 @@ class DeepSpeedBackend:
             # so scale by world size to get the sum (scale_wrt_gas=False: no 1/accumulation-steps).
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         lr = float(self.engine.get_lr()[0])
-        grad_norm = self._grad_norm_stage0() if self.zero_stage == 0 else None
+        grad_norm = self._clip_stage0() if self.zero_stage == 0 else None
         self.engine.step()
         if grad_norm is None:
             grad_norm = float(self.engine.get_global_grad_norm())
@@ -444,13 +480,14 @@ class DeepSpeedBackend:
         out.update(num_micro_batches=float(len(plan)), grad_norm=grad_norm, lr=lr)
         return out
 
-    def _grad_norm_stage0(self) -> float:
-        # Without ZeRO, DeepSpeed's optimizer keeps no norm; the grads are already all-reduced here.
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in self.engine.module.parameters():
-            if p.grad is not None:
-                sq += p.grad.detach().double().pow(2).sum()
-        return float(sq.sqrt())
+    def _clip_stage0(self) -> float:
+        """Without ZeRO, DeepSpeed's optimizer keeps no norm: the global norm (the gradients are
+        already all-reduced here) is computed once and used to clip, as ``grad_clip`` asks."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if self.optim_cfg.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(self.engine.module.parameters(), self.optim_cfg.grad_clip, norm, foreach=True)
+        return float(norm)
 
     def state_dict_for_engine(self, on_this_rank: bool = True) -> dict[str, torch.Tensor]:
         """Full weights under HF names (the module's ``state_dict`` keys), contiguous CPU tensors.

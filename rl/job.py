@@ -329,13 +329,21 @@ class Job:
 
     # -- the step's operations -----------------------------------------------------------------
 
+    def old_logprobs_from_forward(self) -> bool:
+        """Whether the policy loss takes its old logprobs from its own training forward (detached)
+        instead of a separate pass before the update (``algorithm.old_logprobs``)."""
+        alg = self.cfg.algorithm
+        return (alg.old_logprobs == "auto" and alg.ppo_epochs == 1 and alg.num_minibatches == 1
+                and not self.distills)
+
     def score(self, samples: list[dict[str, torch.Tensor]]) -> None:
-        """Old logprobs (recomputed by the trainer, or the engine's) and reference logprobs."""
+        """Old logprobs (recomputed by the trainer, or the engine's, or none needed: see
+        ``old_logprobs_from_forward``) and reference logprobs."""
         temp = self.cfg.rollout.temperature
-        if self.cfg.algorithm.use_rollout_logprobs:
+        if self.cfg.algorithm.old_logprobs == "engine":
             for s in samples:
                 s["old_logprobs"] = s["rollout_logprobs"] * s["loss_mask"]
-        else:
+        elif not self.old_logprobs_from_forward():
             for s, lp in zip(samples, self.policy.forward_logprobs(samples, temp), strict=True):
                 s["old_logprobs"] = lp * s["loss_mask"]
         if self.reference is not None:
@@ -347,6 +355,7 @@ class Job:
         """ppo_epochs passes over the batch in num_minibatches optimizer steps each."""
         alg = self.cfg.algorithm
         make = make_policy_loss_fn if role == "policy" else make_value_loss_fn
+        extra = {"old_from_forward": self.old_logprobs_from_forward()} if role == "policy" else {}
         mask_key = "loss_mask" if role == "policy" else "value_mask"
         g = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
         totals: dict[str, float] = {}
@@ -358,7 +367,7 @@ class Job:
                 if not mb:
                     continue
                 num_tokens = int(sum(int(s[mask_key].sum()) for s in mb))
-                loss_fn = make(alg, num_tokens=max(num_tokens, 1), num_sequences=len(mb))
+                loss_fn = make(alg, num_tokens=max(num_tokens, 1), num_sequences=len(mb), **extra)
                 out = trainer.train_step(mb, loss_fn, self.cfg.rollout.temperature)
                 for key, v in out.items():
                     totals[key] = totals.get(key, 0.0) + float(v)

@@ -7,7 +7,7 @@ returns is called by the backend once per micro-batch (``rl/backend.py``). The m
 Fields read
 -----------
 Policy: ``outputs["logprobs"]`` (b, t) with grad; ``outputs["entropy"]`` (b, t) (needed when
-entropy_coef > 0, logged when present); ``mb["old_logprobs"]``, ``mb["advantages"]``,
+entropy_coef > 0, logged when present); ``mb["old_logprobs"]`` (unless ``old_from_forward``), ``mb["advantages"]``,
 ``mb["loss_mask"]`` (b, t), all on *action-token* positions; ``mb["ref_logprobs"]`` (b, t)
 when kl_coef > 0.
 
@@ -54,11 +54,14 @@ def _need(d: dict[str, torch.Tensor], key: str, where: str, why: str) -> torch.T
     return d[key]
 
 
-def make_policy_loss_fn(cfg: AlgorithmConfig, num_tokens: int, num_sequences: int) -> LossFn:
+def make_policy_loss_fn(cfg: AlgorithmConfig, num_tokens: int, num_sequences: int,
+                        old_from_forward: bool = False) -> LossFn:
     """The PPO policy ``LossFn`` for one minibatch.
 
     num_tokens: action tokens of the whole minibatch (all micro-batches, all ranks).
     num_sequences: sequences of the whole minibatch.
+    old_from_forward: the old logprobs are this forward's own, detached (the minibatch is the
+        first and only update of the weights that scored it; ``mb["old_logprobs"]`` is not read).
 
     loss = reduce(L_clip) + kl_coef * reduce(kl) - entropy_coef * reduce(entropy), every term
     reduced with ``cfg.loss_reduction`` against the global normaliser. Metrics (summable):
@@ -73,8 +76,9 @@ def make_policy_loss_fn(cfg: AlgorithmConfig, num_tokens: int, num_sequences: in
     def loss_fn(outputs: dict[str, torch.Tensor], mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         logprobs = _need(outputs, "logprobs", "outputs", "the policy backend must return per-token logprobs")
         mask = mb["loss_mask"].bool()
+        old = logprobs.detach() if old_from_forward else mb["old_logprobs"]
         pg, ind = policy_loss(
-            logprobs, mb["old_logprobs"], mb["advantages"], mask,
+            logprobs, old, mb["advantages"], mask,
             cfg.clip_low, cfg.clip_high, cfg.dual_clip,
         )
         pg_loss = reduce_loss(pg, mask, mode, normaliser)

@@ -151,8 +151,34 @@ def test_forward_logprobs_equals_hand_computation_from_hf_logits(tiny):
         for i in range(1, len(s["tokens"])):
             want[i] = logp[i - 1, s["tokens"][i]]
         assert lp.shape == s["tokens"].shape and lp.dtype == torch.float32
-        assert lp[0].item() == 0.0
-        torch.testing.assert_close(lp, want, atol=2e-6, rtol=0)
+        # Every micro-batch's first action is at position 2: the prompt's positions are not scored.
+        assert lp[:2].tolist() == [0.0, 0.0]
+        torch.testing.assert_close(lp[2:], want[2:], atol=2e-6, rtol=0)
+
+
+def test_policy_forward_scores_from_the_first_action_on(tiny):
+    """The LM head runs from the first position any action of the micro-batch needs; the
+    logprobs there equal a full forward's, observations after it included, and a sample
+    without a loss_mask is scored everywhere."""
+    hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+
+    def full(tokens):
+        with torch.no_grad():
+            lp, _ = token_logprobs_and_entropy(hf(input_ids=tokens[None]).logits, tokens[None])
+        return lp[0]
+
+    g = torch.Generator().manual_seed(3)
+    tokens = [torch.randint(8, 40, (n,), generator=g) for n in (9, 12, 6)]
+    masks = [torch.tensor(m) for m in ([0, 0, 0, 0, 1, 1, 0, 0, 1], [0] * 6 + [1] * 6, [0, 0, 0, 1, 1, 1])]
+    samples = [{"tokens": t, "loss_mask": m} for t, m in zip(tokens, masks)]
+    b = backend(tiny, mbs=3)
+    got = b.forward_logprobs(samples)  # one micro-batch; its first action is at position 3
+    for t, lp in zip(tokens, got, strict=True):
+        want = full(t)
+        assert lp[:3].tolist() == [0.0, 0.0, 0.0]
+        torch.testing.assert_close(lp[3:], want[3:], atol=2e-6, rtol=0)  # observations at 6-7 too
+    for t, lp in zip(tokens, b.forward_logprobs([{"tokens": t} for t in tokens]), strict=True):
+        torch.testing.assert_close(lp, full(t), atol=2e-6, rtol=0)
 
 
 def _two_steps(tiny, stage, mbs, max_tokens=None, grad_ckpt=False):
@@ -278,7 +304,7 @@ def test_state_dict_for_engine_and_export_hf_round_trip(tiny, tmp_path, stage):
         for s, lp in zip(samples, got, strict=True):
             logits = reloaded(input_ids=s["tokens"][None]).logits
             want_lp, _ = token_logprobs_and_entropy(logits, s["tokens"][None])
-            torch.testing.assert_close(lp, want_lp[0], atol=2e-6, rtol=0)
+            torch.testing.assert_close(lp[2:], want_lp[0, 2:], atol=2e-6, rtol=0)  # from the first action on
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path / "export").encode("w1 w2") == AutoTokenizer.from_pretrained(tiny).encode("w1 w2")
@@ -350,3 +376,35 @@ def test_two_ranks_through_ray_equal_one_rank(tiny, tmp_path):
     finally:
         if started:
             ray.shutdown()
+
+
+def test_old_logprobs_from_the_training_forward_equal_a_recompute(tiny):
+    """algorithm.old_logprobs=auto skips the no-grad pass before a single-update step: the
+    update must equal the one made with recomputed old logprobs."""
+    from relayrl.config import AlgorithmConfig
+    from relayrl.rl.ppo import make_policy_loss_fn
+
+    samples = make_samples(LENGTHS, seed=4)
+    g = torch.Generator().manual_seed(5)
+    for s in samples:
+        s["advantages"] = torch.randn(len(s["tokens"]), generator=g) * s["loss_mask"]
+    n = sum(int(s["loss_mask"].sum()) for s in samples)
+    alg = AlgorithmConfig()
+    recompute, fast = backend(tiny, mbs=3), backend(tiny, mbs=3)
+    for s, lp in zip(samples, recompute.forward_logprobs(samples), strict=True):
+        s["old_logprobs"] = lp * s["loss_mask"]
+    m_ref = recompute.train_step(samples, make_policy_loss_fn(alg, n, len(samples)))
+    plain = [{k: v for k, v in s.items() if k != "old_logprobs"} for s in samples]
+    m = fast.train_step(plain, make_policy_loss_fn(alg, n, len(samples), old_from_forward=True))
+    assert max_diff(weights(fast), weights(recompute)) < 1e-6
+    assert max_diff(weights(fast), AutoModelForCausalLM.from_pretrained(tiny).state_dict()) > 1e-4
+    assert m["grad_norm"] == pytest.approx(m_ref["grad_norm"], rel=1e-6)
+    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-12) and m_ref["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_zero_stage_auto_is_0_on_one_fp32_rank_and_2_otherwise(tiny):
+    auto = TrainerConfig(micro_batch_size=2)
+    assert auto.zero_stage == "auto"
+    assert DeepSpeedBackend("policy", tiny, auto, OPTIM).zero_stage == 0
+    assert DeepSpeedBackend("policy", tiny, auto, OPTIM, dtype="bfloat16").zero_stage == 2
+    assert DeepSpeedBackend("policy", tiny, TrainerConfig(zero_stage=2), OPTIM).zero_stage == 2

@@ -59,6 +59,26 @@ def test_policy_loss_fn_by_hand():
     torch.testing.assert_close(ent1.grad, t([[0.0, -0.01 / 3, -0.01 / 3]]), rtol=0, atol=1e-12)
 
 
+def test_old_logprobs_from_the_forward_equal_a_recompute():
+    """With old_from_forward the ratio is 1 (nothing clips) and the gradient is A / N on every
+    action token, exactly as with recomputed old logprobs equal to the current ones."""
+    cfg = AlgorithmConfig(clip_low=0.2, clip_high=0.28, loss_reduction="token_mean")
+    lp = t([[0.0, math.log(0.3), math.log(0.9), math.log(0.6)]], requires_grad=True)
+    mb = {"loss_mask": torch.tensor([[0, 1, 1, 1]]), "advantages": t([[0.0, 2.0, -1.0, 0.5]])}
+    loss, m = make_policy_loss_fn(cfg, num_tokens=3, num_sequences=1, old_from_forward=True)({"logprobs": lp}, mb)
+    # rho = 1 everywhere: L = -(2 - 1 + 0.5) / 3 = -0.5; dL/dlogp = -A / 3.
+    assert loss.item() == pytest.approx(-0.5, abs=1e-12)
+    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-12) and m["clipfrac"] == 0.0 and m["approx_kl"] == 0.0
+    loss.backward()
+    torch.testing.assert_close(lp.grad, t([[0.0, -2 / 3, 1 / 3, -0.5 / 3]]), rtol=0, atol=1e-12)
+    lp2 = lp.detach().clone().requires_grad_()
+    recomputed = dict(mb, old_logprobs=lp.detach().clone())
+    loss2, m2 = make_policy_loss_fn(cfg, num_tokens=3, num_sequences=1)({"logprobs": lp2}, recomputed)
+    loss2.backward()
+    assert loss2.item() == loss.item() and m2 == m
+    assert torch.equal(lp2.grad, lp.grad)
+
+
 def test_policy_loss_fn_needs_ref_logprobs_when_kl_is_on():
     fn = make_policy_loss_fn(AlgorithmConfig(kl_coef=0.1), num_tokens=1, num_sequences=1)
     mb = {"loss_mask": torch.tensor([[0, 1]]), "old_logprobs": t([[0.0, 0.0]]), "advantages": t([[0.0, 1.0]])}

@@ -398,6 +398,11 @@ class TrainerConfig(_Section):
     """Sequences per forward/backward; gradients accumulate up to the minibatch."""
     max_tokens_per_micro_batch: int | None = Field(None, ge=16)
     """If set, micro-batches are packed by token count instead of sequence count."""
+    share_prompts: bool = True
+    """Sequences that start with the same prompt (the ``group_size`` completions of one task)
+    share a micro-batch laid out as one row, the prompt once and then every completion, each
+    attending to the prompt and to itself: the same losses and gradients on fewer tokens
+    (DeepSpeed backend; used where the spared prompt tokens outweigh the row's extra attention)."""
     num_threads: int | None = None
     """torch intra-op threads per trainer process on CPU; None = all cores (the trainers and
     the engine take turns in on-policy mode)."""

@@ -91,6 +91,118 @@ def plan_micro_batches(
     return plan
 
 
+MIN_SHARED_TOKENS = 16
+"""A shared-prompt micro-batch must spare at least this many tokens' worth of compute."""
+
+
+def prompt_length(sample: Sample) -> int:
+    """Tokens before the sample's first action (``loss_mask`` 1); 0 without a loss mask or action."""
+    mask = sample.get("loss_mask")
+    if mask is None:
+        return 0
+    actions = mask.bool().nonzero()
+    return int(actions[0]) if len(actions) else 0
+
+
+def plan_shared_prompts(
+    samples: list[Sample], micro_batch_size: int, max_tokens_per_micro_batch: int | None = None,
+    attention_cost: float = 0.0, min_shared_tokens: int = MIN_SHARED_TOKENS,
+) -> list[tuple[list[int], int]]:
+    """Micro-batches in which samples that start with the same prompt run it once.
+
+    Samples whose tokens before their first action are identical (a GRPO or PPO group of one
+    task: ``group_size`` completions of one prompt) form a group. A group is cut into
+    micro-batches of at most ``micro_batch_size`` samples, longest first (by tokens: the
+    prompt plus the suffixes within ``max_tokens_per_micro_batch``). One of two or more samples
+    becomes a shared micro-batch (``SharedRow``: one row of prompt + suffixes) when what it
+    spares, ``(count - 1) * prompt`` tokens, less its extra attention, ``attention_cost *
+    (row^2 - sum of (prompt + suffix)^2)`` (a dense mask computes every query-key pair of the
+    row), is at least ``min_shared_tokens``. ``attention_cost`` is the cost of one query-key
+    pair in units of one token through the layers. Every other sample is planned by
+    ``plan_micro_batches``.
+
+    Returns:
+        ``(indices, prompt_len)`` per micro-batch: ``prompt_len`` > 0 for a shared one (its
+        samples agree on their first ``prompt_len`` tokens), 0 for an ordinary one. Every index
+        appears once; the order is deterministic.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        n = prompt_length(s)
+        if n > 0:
+            groups.setdefault(tuple(s["tokens"][:n].tolist()), []).append(i)
+    lengths = [int(s["tokens"].shape[0]) for s in samples]
+    plan: list[tuple[list[int], int]] = []
+    taken: set[int] = set()
+    for prompt, members in groups.items():
+        n = len(prompt)
+        if len(members) < 2:
+            continue
+        chunks: list[list[int]] = []
+        for i in sorted(members, key=lambda i: -lengths[i]):
+            last = chunks[-1] if chunks else None
+            if last is not None and len(last) < micro_batch_size and (
+                max_tokens_per_micro_batch is None
+                or n + sum(lengths[j] - n for j in last) + lengths[i] - n <= max_tokens_per_micro_batch
+            ):
+                last.append(i)
+            else:
+                chunks.append([i])
+        for chunk in chunks:
+            row = n + sum(lengths[j] - n for j in chunk)
+            extra_pairs = row * row - sum(lengths[j] ** 2 for j in chunk)
+            if len(chunk) >= 2 and (len(chunk) - 1) * n - attention_cost * extra_pairs >= min_shared_tokens:
+                plan.append((chunk, n))
+                taken.update(chunk)
+    rest = [i for i in range(len(samples)) if i not in taken]
+    for mb in plan_micro_batches([lengths[i] for i in rest], micro_batch_size, max_tokens_per_micro_batch):
+        plan.append(([rest[j] for j in mb], 0))
+    return plan
+
+
+class SharedRow:
+    """A micro-batch of samples that share their first ``n`` tokens, laid out as one row.
+
+    The row is the prompt once, then every sample's suffix: ``[prompt, suffix_0, suffix_1,
+    ...]``. Each suffix sits at positions ``n..`` (RoPE sees it where it is in its own
+    sequence) and attends, through a block mask, to the prompt and to its own earlier tokens
+    only, so every token computes what it computes in its own sequence, and one forward pass
+    (every GEMM over ``n + sum(suffix)`` rows) replaces ``b`` copies of the prompt.
+
+    Args:
+        tokens, attention_mask: the micro-batch as ``collate`` pads it, (b, T).
+        n: the shared prompt length.
+
+    Attributes:
+        ids, position_ids: (1, L) the row and its positions.
+        mask: (1, 1, L, L) bool, True where a query (row) may attend a key (column).
+        index: (b, T) int64, the row position of each sample's token t (0 at padding).
+    """
+
+    def __init__(self, tokens: torch.Tensor, attention_mask: torch.Tensor, n: int) -> None:
+        lengths = attention_mask.sum(-1).tolist()
+        dev = tokens.device
+        parts, segs, pos = [tokens[0, :n]], [torch.zeros(n, dtype=torch.int64, device=dev)], [torch.arange(n, device=dev)]
+        b, T = tokens.shape
+        index = torch.zeros(b, T, dtype=torch.int64, device=dev)
+        index[:, :n] = torch.arange(n, device=dev)
+        offset = n
+        for i, length in enumerate(lengths):
+            m = length - n
+            parts.append(tokens[i, n:length])
+            segs.append(torch.full((m,), i + 1, dtype=torch.int64, device=dev))
+            pos.append(torch.arange(n, length, device=dev))
+            index[i, n:length] = torch.arange(offset, offset + m, device=dev)
+            offset += m
+        seg = torch.cat(segs)
+        q = torch.arange(offset, device=dev)
+        causal = q[None, :] <= q[:, None]
+        self.ids = torch.cat(parts)[None]
+        self.position_ids = torch.cat(pos)[None]
+        self.mask = (causal & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None])))[None, None]
+        self.index = index
+
+
 def collate(samples: list[Sample], device: torch.device | str = "cpu") -> MicroBatch:
     """Right-pad per-token fields to the longest sample; add ``attention_mask``.
 
@@ -173,6 +285,20 @@ def token_logprobs_and_entropy(
     ent = torch.cat(ent_parts).reshape(b, t)
     zero = lp.new_zeros(b, 1)
     return torch.cat([zero, lp[:, :-1]], dim=1), torch.cat([zero, ent[:, :-1]], dim=1)
+
+
+def _attention_cost(config: Any) -> float | None:
+    """FLOPs of one query-key pair (scores and weighted values) over those of one token through
+    the layers' projections and MLP, from an HF decoder config; None if it lacks the numbers."""
+    try:
+        e, inter = int(config.hidden_size), int(config.intermediate_size)
+        heads = int(config.num_attention_heads)
+        kv = int(getattr(config, "num_key_value_heads", None) or heads)
+        d = int(getattr(config, "head_dim", None) or e // heads)
+    except (AttributeError, TypeError):
+        return None
+    per_token = 2 * (e * (heads + 2 * kv) * d + heads * d * e + 3 * e * inter)
+    return 4 * heads * d / per_token
 
 
 def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -293,6 +419,13 @@ class DeepSpeedBackend:
         self.engine.eval()
         # HF causal LMs that take ``logits_to_keep`` compute the LM head on the last positions only.
         self._keeps_logits = role != "critic" and "logits_to_keep" in inspect.signature(self.module.forward).parameters
+        # Shared prompts need an attention that takes a custom 4-D mask (HF's sdpa and eager do;
+        # flash-attention kernels do not) and the model's numbers for the cost of attention.
+        self._attention_cost = _attention_cost(self.module.config)
+        self._shares_prompts = bool(
+            trainer_cfg.share_prompts and self._attention_cost is not None
+            and getattr(self.module.config, "_attn_implementation", None) in ("sdpa", "eager")
+        )
 
     # -- construction
 
@@ -362,17 +495,24 @@ class DeepSpeedBackend:
 
     # -- micro-batches
 
-    def _plan(self, samples: list[Sample]) -> list[list[int]]:
+    def _plan(self, samples: list[Sample]) -> list[tuple[list[int], int]]:
+        """Micro-batches as ``(indices, prompt_len)``; ``prompt_len`` > 0: a shared prompt."""
         lengths = [int(s["tokens"].shape[0]) for s in samples]
         if any(n < 1 for n in lengths):
             raise ValueError("a sample has an empty 'tokens' tensor; every sample needs at least one token")
-        return plan_micro_batches(lengths, self.trainer_cfg.micro_batch_size, self.trainer_cfg.max_tokens_per_micro_batch)
+        cfg = self.trainer_cfg
+        if self._shares_prompts:
+            return plan_shared_prompts(samples, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch,
+                                       attention_cost=self._attention_cost)
+        return [(mb, 0) for mb in plan_micro_batches(lengths, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch)]
 
     def _dummy_micro_batch(self) -> MicroBatch:
         tokens = torch.zeros((1, 2), dtype=torch.int64, device=self.device)
         return {"tokens": tokens, "attention_mask": torch.ones_like(tokens)}
 
-    def _forward(self, mb: MicroBatch, temperature: float) -> dict[str, torch.Tensor]:
+    def _forward(self, mb: MicroBatch, temperature: float, prompt_len: int = 0) -> dict[str, torch.Tensor]:
+        if prompt_len:
+            return self._forward_shared(mb, temperature, prompt_len)
         mask = mb["attention_mask"]
         if self.role == "critic":
             return {"values": compute_values(self.engine, mb["tokens"], mask)}
@@ -386,6 +526,29 @@ class DeepSpeedBackend:
             pad = logprobs.new_zeros(tokens.shape[0], start)
             logprobs, entropy = torch.cat([pad, logprobs], dim=1), torch.cat([pad, entropy], dim=1)
         m = mask.to(logprobs.dtype)
+        return {"logprobs": logprobs * m, "entropy": entropy * m}
+
+    def _forward_shared(self, mb: MicroBatch, temperature: float, n: int) -> dict[str, torch.Tensor]:
+        """``_forward`` of samples that agree on their first ``n`` tokens, as one ``SharedRow``:
+        the same outputs, computed on ``n + sum(suffix)`` tokens instead of ``b * n + sum(suffix)``."""
+        tokens, mask = mb["tokens"], mb["attention_mask"]
+        row = SharedRow(tokens, mask, n)
+        m = mask.to(torch.float32)
+        if self.role == "critic":
+            out = self.engine(input_ids=row.ids, position_ids=row.position_ids, attention_mask=row.mask, use_cache=False)
+            return {"values": out.logits[0, :, 0].float()[row.index] * m}
+        # Logits from the prompt's last position (which predicts every first action) on.
+        first = n - 1
+        keep = {"logits_to_keep": row.ids.shape[1] - first} if self._keeps_logits else {}
+        logits = self.engine(input_ids=row.ids, position_ids=row.position_ids, attention_mask=row.mask,
+                             use_cache=False, **keep).logits[0]
+        offset = first if keep else 0
+        # Each sample's logits at its positions first.. (padding reads row 0; masked below).
+        rows = (row.index[:, first:] - offset).clamp(min=0)
+        logprobs, entropy = token_logprobs_and_entropy(logits[rows], tokens[:, first:], temperature)
+        if first:
+            pad = logprobs.new_zeros(tokens.shape[0], first)
+            logprobs, entropy = torch.cat([pad, logprobs], dim=1), torch.cat([pad, entropy], dim=1)
         return {"logprobs": logprobs * m, "entropy": entropy * m}
 
     def _first_scored_position(self, mb: MicroBatch) -> int:
@@ -412,9 +575,10 @@ class DeepSpeedBackend:
                 if k >= len(plan):
                     self._forward(self._dummy_micro_batch(), temperature)
                     continue
-                mb = collate([samples[i] for i in plan[k]], self.device)
-                values = self._forward(mb, temperature)[key].cpu()
-                for j, i in enumerate(plan[k]):
+                idx, prompt_len = plan[k]
+                mb = collate([samples[i] for i in idx], self.device)
+                values = self._forward(mb, temperature, prompt_len)[key].cpu()
+                for j, i in enumerate(idx):
                     out[i] = values[j, : samples[i]["tokens"].shape[0]].clone()
         return out  # type: ignore[return-value]
 
@@ -457,8 +621,9 @@ class DeepSpeedBackend:
         for k in range(n):
             self.engine.set_gradient_accumulation_boundary(k == n - 1)
             if k < len(plan):
-                mb = collate([samples[i] for i in plan[k]], self.device)
-                loss, metrics = loss_fn(self._forward(mb, temperature), mb)
+                idx, prompt_len = plan[k]
+                mb = collate([samples[i] for i in idx], self.device)
+                loss, metrics = loss_fn(self._forward(mb, temperature, prompt_len), mb)
                 loss_sum += float(loss.detach())
                 for name, value in metrics.items():
                     sums[name] += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)

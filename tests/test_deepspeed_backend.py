@@ -408,3 +408,90 @@ def test_zero_stage_auto_is_0_on_one_fp32_rank_and_2_otherwise(tiny):
     assert DeepSpeedBackend("policy", tiny, auto, OPTIM).zero_stage == 0
     assert DeepSpeedBackend("policy", tiny, auto, OPTIM, dtype="bfloat16").zero_stage == 2
     assert DeepSpeedBackend("policy", tiny, TrainerConfig(zero_stage=2), OPTIM).zero_stage == 2
+
+
+# ----------------------------------------------------------------------------- shared prompts
+
+
+def grouped_samples(seed=6, prompt_lens=(20, 18), group=4, vocab=(8, 40)):
+    """GRPO-like groups: `group` completions of each prompt (a 3-token observation inside some)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p in prompt_lens:
+        prompt = torch.randint(*vocab, (p,), generator=g)
+        for j in range(group):
+            n = int(torch.randint(3, 9, (1,), generator=g))
+            suffix = torch.randint(*vocab, (n,), generator=g)
+            mask = torch.ones(n, dtype=torch.int64)
+            if j % 2:
+                mask[1:4] = 0
+            out.append({"tokens": torch.cat([prompt, suffix]),
+                        "loss_mask": torch.cat([torch.zeros(p, dtype=torch.int64), mask])})
+    # A loner: no other sample has its prompt.
+    out.append({"tokens": torch.randint(*vocab, (9,), generator=g), "loss_mask": torch.tensor([0] * 4 + [1] * 5)})
+    return out
+
+
+def test_plan_shared_prompts_groups_by_prompt_and_respects_the_sizes():
+    s = grouped_samples()
+    plan = deepspeed_backend.plan_shared_prompts(s, micro_batch_size=3)
+    assert sorted(i for idx, _ in plan for i in idx) == list(range(len(s)))
+    shared = [(sorted(idx), n) for idx, n in plan if n]
+    # Groups of 4 cut into 3 + 1 (longest first); the single leftovers join the ordinary plan.
+    assert [n for _, n in shared] == [20, 18] and all(len(idx) == 3 for idx, _ in shared)
+    assert all(set(idx) <= set(range(4)) for idx, n in shared if n == 20)
+    assert sum(len(idx) for idx, n in plan if n == 0) == 3
+    # Enough to spare or not: pairs spare (2 - 1) * 20 < 32 tokens; groups of 4 spare 3 * 18 >= 32.
+    assert [n for _, n in deepspeed_backend.plan_shared_prompts(s, 2, min_shared_tokens=32) if n] == []
+    assert [n for _, n in deepspeed_backend.plan_shared_prompts(s, 4, min_shared_tokens=32) if n] == [20, 18]
+    # By tokens: a shared row (the prompt once, then the suffixes) stays within the budget.
+    by_tokens = deepspeed_backend.plan_shared_prompts(s, 8, max_tokens_per_micro_batch=36)
+    rows = [n + sum(len(s[i]["tokens"]) - n for i in idx) for idx, n in by_tokens if n]
+    assert rows and max(rows) <= 36
+    # The row's extra attention counts against it. 4 suffixes of 40 after a 17-token prompt spare
+    # 3 * 17 = 51 tokens, and the row computes (17 + 160)^2 - 4 * 57^2 = 18333 more pairs.
+    long = [{"tokens": torch.cat([torch.arange(17), torch.full((40,), 30 + j)]),
+             "loss_mask": torch.cat([torch.zeros(17), torch.ones(40)])} for j in range(4)]
+    assert [n for _, n in deepspeed_backend.plan_shared_prompts(long, 4, attention_cost=1e-2) if n] == []  # 51 - 183
+    assert [n for _, n in deepspeed_backend.plan_shared_prompts(long, 4, attention_cost=1e-4) if n] == [17]  # 51 - 2
+    # No loss mask, no sharing.
+    bare = [{"tokens": x["tokens"]} for x in s]
+    assert all(n == 0 for _, n in deepspeed_backend.plan_shared_prompts(bare, 4))
+
+
+@pytest.mark.parametrize("stage,grad_ckpt", [(0, False), (3, False), (2, True)], ids=["zero0", "zero3", "zero2-gradckpt"])
+@pytest.mark.parametrize("role", ["policy", "critic"])
+def test_shared_prompts_equal_separate_sequences(tiny, stage, grad_ckpt, role):
+    """The shared-prompt forward is a fast path of the ordinary one: the same outputs, and
+    one optimizer step on the same batch gives the same weights."""
+    samples = grouped_samples()
+    n = sum(int(s["loss_mask"].sum()) for s in samples)
+
+    def make(share):
+        cfg = TrainerConfig(zero_stage=stage, micro_batch_size=4, share_prompts=share, gradient_checkpointing=grad_ckpt)
+        return DeepSpeedBackend(role, tiny, cfg, OPTIM, seed=3)
+
+    fast, ref = make(True), make(False)
+    assert fast._shares_prompts and not ref._shares_prompts
+    assert any(p for _, p in fast._plan(samples))
+    if role == "policy":
+        for a, b, s in zip(fast.forward_logprobs(samples), ref.forward_logprobs(samples), samples, strict=True):
+            m = s["loss_mask"].bool()
+            torch.testing.assert_close(a[m], b[m], atol=2e-6, rtol=0)
+        loss_fn = token_mean_nll(samples)
+    else:
+        for a, b in zip(fast.forward_values(samples), ref.forward_values(samples), strict=True):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+
+        def loss_fn(outputs, mb):
+            mask = mb["loss_mask"].to(outputs["values"].dtype)
+            loss = ((outputs["values"] - 1.0) ** 2 * mask).sum() / n
+            return loss, {"nll": loss.item()}
+    before = {k: v.clone() for k, v in fast.engine.module.state_dict().items()}
+    m_fast, m_ref = fast.train_step(samples, loss_fn), ref.train_step(samples, loss_fn)
+    assert max_diff(fast.engine.module.state_dict(), before) > 1e-4  # the step moved the weights
+    assert m_fast["nll"] == pytest.approx(m_ref["nll"], rel=1e-6)
+    assert m_fast["grad_norm"] == pytest.approx(m_ref["grad_norm"], rel=1e-5)
+    assert m_fast["num_micro_batches"] == m_ref["num_micro_batches"] == 3
+    assert max_diff(weights(fast) if role == "policy" else fast.engine.module.state_dict(),
+                    weights(ref) if role == "policy" else ref.engine.module.state_dict()) < 1e-6

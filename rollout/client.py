@@ -69,6 +69,7 @@ def parse_completion(out: dict[str, Any], prompt_len: int, url: str) -> Completi
             finish_reason="stop" if kind == "stop" else "length",
             weight_version=parse_weight_version(meta.get("weight_version")),
             prompt_tokens=int(meta.get("prompt_tokens", prompt_len)),
+            cached_tokens=int(meta.get("cached_tokens") or 0),
         )
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise EngineError(f"malformed /generate response ({type(e).__name__}: {e})", url) from None

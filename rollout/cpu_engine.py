@@ -5,7 +5,8 @@ to what a CPU needs):
 
 1. take what arrived (generation, scoring and weight-update requests: a thread-safe queue);
 2. between steps, apply weight updates and run scoring requests;
-3. admit waiting requests into free slots: one packed prefill samples their first tokens;
+3. admit waiting requests into free slots: one packed prefill samples their first tokens
+   (identical prompts, a group's completions of one task, are computed once);
 4. decode one token for every active slot at once; a finished sequence frees its slot at once.
 
 Requests may arrive at any time from any thread; each gets a ``concurrent.futures.Future``
@@ -203,6 +204,11 @@ class _Seq:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     weight_version: int = 0
+    prefill_version: int = -1
+    """Weights its prompt's keys and values were computed with."""
+    prompt_logits: torch.Tensor | None = None
+    """Logits ``[V]`` after its prompt (for a later request with the same prompt)."""
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -262,7 +268,7 @@ class CpuEngine:
         self._sampling: SamplingBatch | None = None  # None = rebuild before the next decode
         self._stopped = False
         self._error: BaseException | None = None
-        self.stats = {"steps": 0, "prefills": 0, "generated_tokens": 0, "last_update_s": 0.0}
+        self.stats = {"steps": 0, "prefills": 0, "prefill_tokens": 0, "generated_tokens": 0, "last_update_s": 0.0}
         self._thread = threading.Thread(target=self._run, name="cpu-engine", daemon=True)
         self._thread.start()
 
@@ -270,17 +276,28 @@ class CpuEngine:
 
     def submit(self, request: GenerateRequest) -> Future:
         """Queue a generation request; the future resolves to a ``Completion`` or EngineError."""
-        fut: Future = Future()
-        try:
-            seq = self._make_seq(request, fut)
-        except EngineError as e:
-            fut.set_exception(e)
-            return fut
-        if request.sampling.max_new_tokens == 0:
-            fut.set_result(Completion([], [], "length", self._version, len(request.input_ids)))
-            return fut
-        self._put(seq)
-        return fut
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[GenerateRequest]) -> list[Future]:
+        """Queue several generation requests at once: they arrive together, so free slots take
+        them in one prefill (in which identical prompts are computed once)."""
+        futures: list[Future] = []
+        seqs: list[_Seq] = []
+        for request in requests:
+            fut: Future = Future()
+            futures.append(fut)
+            try:
+                seq = self._make_seq(request, fut)
+            except EngineError as e:
+                fut.set_exception(e)
+                continue
+            if request.sampling.max_new_tokens == 0:
+                fut.set_result(Completion([], [], "length", self._version, len(request.input_ids)))
+                continue
+            seqs.append(seq)
+        if seqs:
+            self._put(seqs)
+        return futures
 
     def submit_score(self, token_ids: list[int], temperature: float = 1.0) -> Future:
         """Queue a scoring request; resolves to per-token logprobs (position 0 = 0.0)."""
@@ -310,8 +327,7 @@ class CpuEngine:
 
     def generate_many(self, requests: list[GenerateRequest]) -> list[Completion]:
         """Blocking: submit all, wait for all (order kept)."""
-        futures = [self.submit(r) for r in requests]
-        return [f.result() for f in futures]
+        return [f.result() for f in self.submit_many(requests)]
 
     def current_weight_version(self) -> int:
         return self._version
@@ -425,8 +441,8 @@ class CpuEngine:
             if item is _STOP:
                 self._run_scores(scores)
                 return False
-            if isinstance(item, _Seq):
-                self._waiting.append(item)
+            if isinstance(item, list):  # generation requests (submit_many)
+                self._waiting.extend(item)
             elif isinstance(item, _Score):
                 scores.append(item)
             elif isinstance(item, _Update):
@@ -466,16 +482,39 @@ class CpuEngine:
             return
         first = len(self._active)
         slots = list(range(first, first + len(batch)))
+        # Identical prompts (a group's completions of one task) are computed once: within the
+        # batch, and against running slots prefilled with the current weights (a slot keeps its
+        # prompt's keys and values at positions 0..). The others get a copy of those keys and
+        # values and the same last-token logits.
+        running = {tuple(s.prompt): i for i, s in enumerate(self._active)
+                   if s.prompt_logits is not None and s.prefill_version == self._version}
+        fresh: dict[tuple[int, ...], int] = {}
+        source: list[tuple[bool, int]] = []  # (from a running slot, its index) or (False, batch index)
+        for j, s in enumerate(batch):
+            key = tuple(s.prompt)
+            source.append((True, running[key]) if key in running else (False, fresh.setdefault(key, j)))
+        compute = sorted(set(fresh.values()))
         try:
-            logits = self.model.prefill([s.prompt for s in batch], slots)
+            new = self.model.prefill([batch[j].prompt for j in compute], [slots[j] for j in compute]) if compute else None
+            row = {j: r for r, j in enumerate(compute)}
+            rows = []
+            for j, (is_running, src) in enumerate(source):
+                src_slot = src if is_running else slots[src]
+                if src_slot != slots[j]:
+                    self.model.move_slot(src_slot, slots[j], len(batch[j].prompt))
+                rows.append(self._active[src].prompt_logits if is_running else new[row[src]])
+            logits = torch.stack(rows)
         except Exception as e:  # noqa: BLE001 - only this batch fails; running decodes go on
             log.exception("prefill failed")
             for s in batch:
                 _set_exception(s.future, EngineError(f"prefill failed: {type(e).__name__}: {e}"))
             return
-        for s in batch:
+        self.stats["prefill_tokens"] += sum(len(batch[j].prompt) for j in compute)
+        for j, s in enumerate(batch):
             s.length = len(s.prompt)
-            s.weight_version = self._version
+            s.weight_version = s.prefill_version = self._version
+            s.prompt_logits = logits[j]
+            s.cached_tokens = 0 if source[j] == (False, j) else len(s.prompt)
         self._active.extend(batch)
         self._sampling = None
         self.stats["prefills"] += 1
@@ -509,7 +548,7 @@ class CpuEngine:
             reason = self._finish_reason(s, tok)
             if reason is not None:
                 finished.append(i)
-                _set_result(s.future, Completion(s.output_ids, s.output_logprobs, reason, s.weight_version, len(s.prompt)))
+                _set_result(s.future, Completion(s.output_ids, s.output_logprobs, reason, s.weight_version, len(s.prompt), s.cached_tokens))
         self.stats["generated_tokens"] += len(tokens)
         self._retire(finished)
 
@@ -598,8 +637,9 @@ class CpuEngine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if item is not _STOP:
-                _set_exception(item.future, err)
+            for pending in item if isinstance(item, list) else [item]:
+                if pending is not _STOP:
+                    _set_exception(pending.future, err)
 
 
 def _slice_sampling(sb: SamplingBatch, first: int) -> SamplingBatch:

@@ -91,6 +91,8 @@ class Completion:
     output_logprobs: per output token, its log-probability (see module docstring).
     finish_reason: "stop" (a stop token) or "length" (max_new_tokens or the context limit).
     weight_version: the engine's weight version when the first token was sampled.
+    cached_tokens: prompt tokens whose keys and values were reused, not computed (SGLang's
+        ``meta_info.cached_tokens``).
     """
 
     output_ids: list[int]
@@ -98,6 +100,7 @@ class Completion:
     finish_reason: str
     weight_version: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @runtime_checkable

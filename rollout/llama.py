@@ -447,7 +447,8 @@ class LlamaModel:
 
     @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst`` (all layers)."""
+        """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst`` (all layers):
+        compaction after a slot is freed, and prompts shared by several slots."""
         self.k_cache[:, dst, :, :length].copy_(self.k_cache[:, src, :, :length])
         self.v_cache[:, dst, :, :length].copy_(self.v_cache[:, src, :, :length])
 

@@ -36,6 +36,7 @@ import logging
 import socket
 import threading
 import uuid
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,9 @@ class EngineServer:
         try:
             body = await request.json()
             items, is_batch = self._parse_generate(body)
-            outs = await asyncio.gather(*(self._one(*item) for item in items))
+            # A batch arrives at the engine at once (one prefill; a shared prompt computed once).
+            futures = self.engine.submit_many([GenerateRequest(ids, params) for ids, params, _, _ in items])
+            outs = await asyncio.gather(*(self._one(fut, *item) for fut, item in zip(futures, items)))
         except BadRequest as e:
             return _error(str(e))
         except EngineError as e:
@@ -207,8 +210,8 @@ class EngineServer:
                 raise BadRequest("input_ids must contain only integer token ids")
         return batch, is_batch
 
-    async def _one(self, ids: list[int], params: SamplingParams, want_lp: bool, start: int) -> dict[str, Any]:
-        gen = self.engine.generate(GenerateRequest(ids, params))
+    async def _one(self, fut: Future, ids: list[int], params: SamplingParams, want_lp: bool, start: int) -> dict[str, Any]:
+        gen = asyncio.wrap_future(fut)
         if want_lp and start >= 0:
             completion, input_lps = await asyncio.gather(gen, self.engine.score(ids, params.temperature))
         else:
@@ -218,7 +221,7 @@ class EngineServer:
             "finish_reason": finish_reason_json(completion),
             "prompt_tokens": len(ids),
             "completion_tokens": len(completion.output_ids),
-            "cached_tokens": 0,
+            "cached_tokens": completion.cached_tokens,
             "weight_version": str(completion.weight_version),
         }
         if want_lp:

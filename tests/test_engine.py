@@ -21,7 +21,7 @@ import torch
 from relayrl.model import make_tiny_model
 from relayrl.rollout.cpu_engine import CpuEngine, SamplingBatch, sample, sample_reference, truncate_probs
 from relayrl.rollout.engine import Completion, Engine, EngineError, GenerateRequest, SamplingParams
-from relayrl.rollout.llama import LlamaModel, LlamaSpec, read_hf_config
+from relayrl.rollout.llama import LlamaModel, LlamaSpec, read_hf_config, read_safetensors
 
 # Logprobs of a ~40-token vocabulary are O(1); fp32 paths that differ only in summation order
 # agree to ~1e-6, so 1e-4 catches any real deviation (a wrong bias, rope or mask moves them by >1e-2).
@@ -400,3 +400,55 @@ def test_async_engine_protocol(engine):
     assert all(isinstance(c, Completion) and len(c.output_ids) == 4 for c in outs)
     assert len(scores) == 4 and scores[0] == 0.0 and all(s < 0 for s in scores[1:])
     assert healthy and version == 0
+
+
+def test_identical_prompts_are_prefilled_once(engine):
+    """A group's completions of one prompt share its prefill; each still samples on its own."""
+    p = [5, 6, 7, 8, 9]
+    reqs = [_req(p, max_new_tokens=6, temperature=1.0, seed=200 + i, ignore_eos=True) for i in range(3)]
+    reqs.append(_req([3, 4, 5], max_new_tokens=6, temperature=1.0, seed=300, ignore_eos=True))
+    alone = [engine.submit(r).result() for r in reqs]
+    prefills, tokens = engine.stats["prefills"], engine.stats["prefill_tokens"]
+    together = engine.generate_many(reqs)  # arrive at once: one prefill of 4 slots
+    assert engine.stats["prefills"] - prefills == 1
+    assert engine.stats["prefill_tokens"] - tokens == 5 + 3
+    for t, a in zip(together, alone, strict=True):
+        assert t.output_ids == a.output_ids
+        torch.testing.assert_close(torch.tensor(t.output_logprobs), torch.tensor(a.output_logprobs), atol=1e-5, rtol=0)
+    assert len({tuple(c.output_ids) for c in together[:3]}) == 3  # the copies sample differently
+    assert [c.cached_tokens for c in together] == [0, 5, 5, 0]
+
+
+def test_a_prompt_already_running_is_not_prefilled_again(engine):
+    p = [21, 22, 23, 24, 25, 26]
+    long_req = _req(p, max_new_tokens=60, temperature=1.0, seed=7, ignore_eos=True)
+    late_req = _req(p, max_new_tokens=5, temperature=1.0, seed=8, ignore_eos=True)
+    long_alone, late_alone = engine.submit(long_req).result(), engine.submit(late_req).result()
+    steps0 = engine.stats["steps"]
+    long_fut = engine.submit(long_req)
+    while engine.stats["steps"] < steps0 + 5:  # the long one is decoding
+        time.sleep(0.001)
+    tokens = engine.stats["prefill_tokens"]
+    late = engine.submit(late_req).result()
+    assert engine.stats["prefill_tokens"] == tokens  # its prompt came from the running slot
+    assert late.cached_tokens == len(p)
+    assert late.output_ids == late_alone.output_ids
+    torch.testing.assert_close(torch.tensor(late.output_logprobs), torch.tensor(late_alone.output_logprobs), atol=1e-5, rtol=0)
+    assert long_fut.result().output_ids == long_alone.output_ids
+
+
+def test_a_running_prompt_from_older_weights_is_computed_again(tiny_dir):
+    eng = CpuEngine(tiny_dir, max_batch_size=4, max_seq_len=128)
+    try:
+        p = [21, 22, 23, 24, 25, 26]
+        steps0 = eng.stats["steps"]
+        long_fut = eng.submit(_req(p, max_new_tokens=80, temperature=1.0, seed=7, ignore_eos=True))
+        while eng.stats["steps"] < steps0 + 3:
+            time.sleep(0.001)
+        eng.submit_weights(read_safetensors(tiny_dir), version=1).result()
+        tokens = eng.stats["prefill_tokens"]
+        eng.submit(_req(p, max_new_tokens=3, temperature=1.0, seed=8, ignore_eos=True)).result()
+        assert eng.stats["prefill_tokens"] == tokens + len(p)
+        long_fut.result()
+    finally:
+        eng.shutdown()

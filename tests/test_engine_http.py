@@ -98,6 +98,10 @@ def test_response_has_sglang_shape(served):
     assert status == 200 and isinstance(outs, list) and len(outs) == 2
     assert outs[0]["meta_info"]["finish_reason"] == {"type": "stop", "matched": first}
     assert outs[0]["output_ids"] == [first]
+    # A batch that repeats a prompt computes it once; the copies say so as SGLang does.
+    group = {"input_ids": [[5, 6, 7, 8]] * 3, "sampling_params": {"max_new_tokens": 2}}
+    status, outs = _run(_raw(url, "POST", "/generate", group))
+    assert status == 200 and [o["meta_info"]["cached_tokens"] for o in outs] == [0, 4, 4]
 
     # Scoring: max_new_tokens 0 samples nothing and returns every input logprob.
     score = {"input_ids": [5, 6, 7, 8], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,

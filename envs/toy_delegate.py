@@ -46,9 +46,12 @@ class ToyDelegateEnv:
 
     DEFAULT_SYSTEM = "repeat the word"
 
-    def __init__(self, num_turns: int = 3, system_prompt: str | None = None) -> None:
+    def __init__(self, num_turns: int = 3, system_prompt: str | None = None, num_words: int = 4,
+                 hidden_fraction: float = 0.5) -> None:
         if num_turns < 1:
             raise ValueError("num_turns must be >= 1")
+        if num_words < 1 or not 0.0 <= hidden_fraction <= 1.0:
+            raise ValueError("num_words must be >= 1 and hidden_fraction in [0, 1]")
         self.num_turns = num_turns
         self.system_prompt = system_prompt or self.DEFAULT_SYSTEM
         self._targets: list[str] = []
@@ -58,11 +61,13 @@ class ToyDelegateEnv:
 
     @staticmethod
     def default_tasks(num_tasks: int = 256, seed: int = 0, words: list[str] | None = None,
-                      num_turns: int = 3) -> list[dict[str, Any]]:
-        words = words or [f"w{i}" for i in range(4)]
+                      num_turns: int = 3, num_words: int = 4, hidden_fraction: float = 0.5) -> list[dict[str, Any]]:
+        """Targets drawn from ``words`` (default ``w0..w{num_words-1}``); each turn hidden with
+        probability ``hidden_fraction``."""
+        words = words or [f"w{i}" for i in range(num_words)]
         rng = random.Random(seed)
         return [{"id": f"delegate-{i}", "targets": [rng.choice(words) for _ in range(num_turns)],
-                 "hidden": [rng.random() < 0.5 for _ in range(num_turns)], "domain": "delegate"}
+                 "hidden": [rng.random() < hidden_fraction for _ in range(num_turns)], "domain": "delegate"}
                 for i in range(num_tasks)]
 
     def _prompt(self) -> str:

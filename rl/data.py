@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import zlib
 from pathlib import Path
+import inspect
 from typing import Any
 
 from relayrl.config import ConfigError, EnvConfig
@@ -20,7 +21,9 @@ def load_tasks(env_cfg: EnvConfig, env_cls: Any, seed: int) -> list[dict[str, An
         if not hasattr(env_cls, "default_tasks"):
             raise ConfigError(f"env.tasks: the environment {env_cfg.name!r} has no built-in tasks; "
                               "give a jsonl or parquet file of tasks")
-        task_kwargs = {k: v for k, v in env_cfg.kwargs.items() if k in ("num_turns",)}
+        # The env's kwargs that its task generator also takes (num_turns, ...) shape its tasks.
+        accepted = inspect.signature(env_cls.default_tasks).parameters
+        task_kwargs = {k: v for k, v in env_cfg.kwargs.items() if k in accepted and k != "seed"}
         tasks = list(env_cls.default_tasks(seed=seed, **task_kwargs))
         source = f"the built-in tasks of {env_cfg.name!r}"
     else:

@@ -160,3 +160,20 @@ def test_sub_traces_are_counted_by_kind(parts, tiny_model_dir):
     assert len(kinds) >= 2 and kinds == ["turns"] + ["compaction"] * (len(kinds) - 1)
     assert (traj.metrics["subtraces/turns"], traj.metrics["subtraces/compaction"], traj.metrics["subtraces/subagent"]) \
         == (1.0, len(kinds) - 1.0, 0.0)
+
+
+def test_env_kwargs_shape_the_built_in_tasks():
+    """env.kwargs that the env's task generator takes (here num_words, hidden_fraction) shape
+    the built-in tasks; the rest are the env's alone."""
+    from relayrl.config import EnvConfig
+    from relayrl.rl.data import load_tasks
+
+    cfg = EnvConfig(name="toy_delegate", kwargs={"num_turns": 2, "num_words": 8, "hidden_fraction": 0.0,
+                                                 "system_prompt": "x"})
+    tasks = load_tasks(cfg, ToyDelegateEnv, seed=0)
+    assert all(len(t["targets"]) == 2 and not any(t["hidden"]) for t in tasks)
+    assert {w for t in tasks for w in t["targets"]} == {f"w{i}" for i in range(8)}
+    every = load_tasks(EnvConfig(name="toy_delegate", kwargs={"hidden_fraction": 1.0}), ToyDelegateEnv, seed=0)
+    assert all(all(t["hidden"]) and len(t["targets"]) == 3 for t in every)
+    with pytest.raises(ValueError, match="hidden_fraction"):
+        ToyDelegateEnv(hidden_fraction=1.5)

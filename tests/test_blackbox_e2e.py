@@ -45,7 +45,7 @@ def test_critic_ppo_learns_the_toy_env_in_black_box_mode(tmp_path, tiny_model_di
     >= 0.85 over the last five steps."""
     cfg = load_config(None, tiny_overrides(tmp_path, tiny_model_dir, "bb-learn") + BLACKBOX + [
         "run.deterministic=true", "train.steps=30", "train.save_every=30",
-        "algorithm.num_minibatches=4", "algorithm.ppo_epochs=4"])
+        "algorithm.num_minibatches=4", "algorithm.ppo_epochs=4", "algorithm.entropy_coef=0.01"])
     metrics = read_metrics(train(cfg))
     rewards = [m["reward/mean"] for m in metrics]
     assert len(rewards) == 30

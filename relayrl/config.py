@@ -338,8 +338,8 @@ class AlgorithmConfig(_Section):
     grpo_normalize_std: bool = True
     """Divide group-relative advantages by the group's reward std (off = Dr. GRPO)."""
     old_logprobs: Literal["auto", "trainer", "engine"] = "auto"
-    """Where PPO's old logprobs come from. ``trainer``: a no-grad pass of the policy trainer
-    before the update. ``engine``: the logprobs the engine sampled with (no pass; they differ
+    """Where PPO's old logprobs come from: the trainer, the engine, or auto (the default).
+    ``trainer``: a no-grad pass of the policy trainer before the update. ``engine``: the logprobs the engine sampled with (no pass; they differ
     from the trainer's by kernel and precision, and by the weight lag when off-policy).
     ``auto``: when a step makes one optimizer step on its batch (``ppo_epochs`` 1,
     ``num_minibatches`` 1) the trainer's old logprobs are its training forward's own, so that
@@ -390,8 +390,8 @@ class TrainerConfig(_Section):
     megatron: MegatronConfig = MegatronConfig()
     """Parallel layout of the ``megatron`` backend (ignored by ``deepspeed``)."""
     zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
-    """DeepSpeed ZeRO stage. ``auto``: 0 on one rank in float32 (ZeRO partitions nothing over
-    one rank, and its flat buffers and reductions cost time), 2 otherwise."""
+    """DeepSpeed ZeRO stage, or ``auto``: 0 on one float32 rank, 2 otherwise.
+    (Over one rank ZeRO partitions nothing, and its flat buffers and reductions cost time.)"""
     world_size: int = Field(1, ge=1)
     """Data-parallel processes per trainer (gloo on CPU, NCCL on GPU)."""
     micro_batch_size: int = Field(4, ge=1)

@@ -32,14 +32,16 @@ def ray_cluster():
 
 
 @pytest.mark.skipif(not os.environ.get("RELAYRL_BLACKBOX_LEARNING"),
-                    reason="about 12 minutes on 2 cores; set RELAYRL_BLACKBOX_LEARNING=1. In the default suite, "
+                    reason="about 16 minutes on 2 cores; set RELAYRL_BLACKBOX_LEARNING=1. In the default suite, "
                            "test_black_box_training_equals_white_box_training and test_e2e's learning test cover it")
 def test_critic_ppo_learns_the_toy_env_in_black_box_mode(tmp_path, tiny_model_dir):
     """The spine's learning test (tests/test_e2e.py: toy_echo, 3 turns, critic PPO, the same
     config), with every episode an agent process in a sandbox: 960 of them, each a Python
     process that imports ``openai`` (about a second of CPU), so this is the slowest test here
-    (an estimate: about 12 minutes on 2 idle cores), so it is opt-in. Since a black-box run
-    equals the white-box run with the same seeds (the next test), its curve is test_e2e's.
+    (16.5 minutes on 2 cores, 2026-12-01), so it is opt-in. Since a black-box run equals the
+    white-box run with the same seeds (the next test), its curve follows test_e2e's. Seen:
+    0.07 at step 1, 0.84 at step 14, 0.94 over the last five steps; every step 3 proxy calls an
+    episode, one sub-trace, no agent failure.
     Fewer episodes do not learn in 30 steps, in either mode
     (16 a step: about 0.3 at step 30, seen in white-box runs). Mean reward from near chance to
     >= 0.85 over the last five steps."""

@@ -287,6 +287,19 @@ def token_logprobs_and_entropy(
     return torch.cat([zero, lp[:, :-1]], dim=1), torch.cat([zero, ent[:, :-1]], dim=1)
 
 
+def _policy_outputs(logits: torch.Tensor, tokens: torch.Tensor, start: int, mask: torch.Tensor,
+                    temperature: float) -> dict[str, torch.Tensor]:
+    """The policy's (b, T) ``logprobs`` and ``entropy`` from logits (b, T - start, V) at positions
+    ``start..``: positions before ``start`` are no action's and hold 0.0 (rl.backend
+    conventions), as does padding."""
+    logprobs, entropy = token_logprobs_and_entropy(logits, tokens[:, start:], temperature)
+    if start:
+        pad = logprobs.new_zeros(tokens.shape[0], start)
+        logprobs, entropy = torch.cat([pad, logprobs], dim=1), torch.cat([pad, entropy], dim=1)
+    m = mask.to(logprobs.dtype)
+    return {"logprobs": logprobs * m, "entropy": entropy * m}
+
+
 def _attention_cost(config: Any) -> float | None:
     """FLOPs of one query-key pair (scores and weighted values) over those of one token through
     the layers' projections and MLP, from an HF decoder config; None if it lacks the numbers."""
@@ -520,23 +533,16 @@ class DeepSpeedBackend:
         start = self._first_scored_position(mb)
         kwargs = {"logits_to_keep": tokens.shape[1] - start} if start else {}
         logits = self.engine(input_ids=tokens, attention_mask=mask, use_cache=False, **kwargs).logits
-        logprobs, entropy = token_logprobs_and_entropy(logits, tokens[:, start:], temperature)
-        if start:
-            # Positions before ``start`` are no action's; they hold 0.0 (rl.backend conventions).
-            pad = logprobs.new_zeros(tokens.shape[0], start)
-            logprobs, entropy = torch.cat([pad, logprobs], dim=1), torch.cat([pad, entropy], dim=1)
-        m = mask.to(logprobs.dtype)
-        return {"logprobs": logprobs * m, "entropy": entropy * m}
+        return _policy_outputs(logits, tokens, start, mask, temperature)
 
     def _forward_shared(self, mb: MicroBatch, temperature: float, n: int) -> dict[str, torch.Tensor]:
         """``_forward`` of samples that agree on their first ``n`` tokens, as one ``SharedRow``:
         the same outputs, computed on ``n + sum(suffix)`` tokens instead of ``b * n + sum(suffix)``."""
         tokens, mask = mb["tokens"], mb["attention_mask"]
         row = SharedRow(tokens, mask, n)
-        m = mask.to(torch.float32)
         if self.role == "critic":
             out = self.engine(input_ids=row.ids, position_ids=row.position_ids, attention_mask=row.mask, use_cache=False)
-            return {"values": out.logits[0, :, 0].float()[row.index] * m}
+            return {"values": out.logits[0, :, 0].float()[row.index] * mask.to(torch.float32)}
         # Logits from the prompt's last position (which predicts every first action) on.
         first = n - 1
         keep = {"logits_to_keep": row.ids.shape[1] - first} if self._keeps_logits else {}
@@ -545,11 +551,7 @@ class DeepSpeedBackend:
         offset = first if keep else 0
         # Each sample's logits at its positions first.. (padding reads row 0; masked below).
         rows = (row.index[:, first:] - offset).clamp(min=0)
-        logprobs, entropy = token_logprobs_and_entropy(logits[rows], tokens[:, first:], temperature)
-        if first:
-            pad = logprobs.new_zeros(tokens.shape[0], first)
-            logprobs, entropy = torch.cat([pad, logprobs], dim=1), torch.cat([pad, entropy], dim=1)
-        return {"logprobs": logprobs * m, "entropy": entropy * m}
+        return _policy_outputs(logits[rows], tokens, first, mask, temperature)
 
     def _first_scored_position(self, mb: MicroBatch) -> int:
         """The first position whose logits the micro-batch's action tokens need, or 0 for all.

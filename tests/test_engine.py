@@ -419,22 +419,30 @@ def test_identical_prompts_are_prefilled_once(engine):
     assert [c.cached_tokens for c in together] == [0, 5, 5, 0]
 
 
-def test_a_prompt_already_running_is_not_prefilled_again(engine):
-    p = [21, 22, 23, 24, 25, 26]
-    long_req = _req(p, max_new_tokens=60, temperature=1.0, seed=7, ignore_eos=True)
-    late_req = _req(p, max_new_tokens=5, temperature=1.0, seed=8, ignore_eos=True)
-    long_alone, late_alone = engine.submit(long_req).result(), engine.submit(late_req).result()
-    steps0 = engine.stats["steps"]
-    long_fut = engine.submit(long_req)
-    while engine.stats["steps"] < steps0 + 5:  # the long one is decoding
-        time.sleep(0.001)
-    tokens = engine.stats["prefill_tokens"]
-    late = engine.submit(late_req).result()
-    assert engine.stats["prefill_tokens"] == tokens  # its prompt came from the running slot
-    assert late.cached_tokens == len(p)
-    assert late.output_ids == late_alone.output_ids
-    torch.testing.assert_close(torch.tensor(late.output_logprobs), torch.tensor(late_alone.output_logprobs), atol=1e-5, rtol=0)
-    assert long_fut.result().output_ids == long_alone.output_ids
+def test_a_prompt_already_running_is_not_prefilled_again(tiny_dir):
+    # Its own engine with a long context: the long request must still be decoding when the
+    # late one arrives, even on a loaded machine (about 2000 steps of margin).
+    eng = CpuEngine(tiny_dir, max_batch_size=4, max_seq_len=2048)
+    try:
+        p = [21, 22, 23, 24, 25, 26]
+        long_req = _req(p, max_new_tokens=2000, temperature=1.0, seed=7, ignore_eos=True)
+        late_req = _req(p, max_new_tokens=5, temperature=1.0, seed=8, ignore_eos=True)
+        late_alone = eng.submit(late_req).result()
+        steps0 = eng.stats["steps"]
+        long_fut = eng.submit(long_req)
+        while eng.stats["steps"] < steps0 + 5:  # the long one is decoding
+            time.sleep(0.001)
+        tokens = eng.stats["prefill_tokens"]
+        late = eng.submit(late_req).result()
+        assert not long_fut.done()
+        assert eng.stats["prefill_tokens"] == tokens  # its prompt came from the running slot
+        assert late.cached_tokens == len(p)
+        assert late.output_ids == late_alone.output_ids
+        torch.testing.assert_close(torch.tensor(late.output_logprobs), torch.tensor(late_alone.output_logprobs),
+                                   atol=1e-5, rtol=0)
+        long_fut.cancel()
+    finally:
+        eng.shutdown()
 
 
 def test_a_running_prompt_from_older_weights_is_computed_again(tiny_dir):

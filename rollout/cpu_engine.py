@@ -204,8 +204,6 @@ class _Seq:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     weight_version: int = 0
-    prefill_version: int = -1
-    """Weights its prompt's keys and values were computed with."""
     prompt_logits: torch.Tensor | None = None
     """Logits ``[V]`` after its prompt (for a later request with the same prompt)."""
     cached_tokens: int = 0
@@ -486,8 +484,8 @@ class CpuEngine:
         # batch, and against running slots prefilled with the current weights (a slot keeps its
         # prompt's keys and values at positions 0..). The others get a copy of those keys and
         # values and the same last-token logits.
-        running = {tuple(s.prompt): i for i, s in enumerate(self._active)
-                   if s.prompt_logits is not None and s.prefill_version == self._version}
+        # (A slot's weight_version is the one its prompt was computed with.)
+        running = {tuple(s.prompt): i for i, s in enumerate(self._active) if s.weight_version == self._version}
         fresh: dict[tuple[int, ...], int] = {}
         source: list[tuple[bool, int]] = []  # (from a running slot, its index) or (False, batch index)
         for j, s in enumerate(batch):
@@ -512,7 +510,7 @@ class CpuEngine:
         self.stats["prefill_tokens"] += sum(len(batch[j].prompt) for j in compute)
         for j, s in enumerate(batch):
             s.length = len(s.prompt)
-            s.weight_version = s.prefill_version = self._version
+            s.weight_version = self._version
             s.prompt_logits = logits[j]
             s.cached_tokens = 0 if source[j] == (False, j) else len(s.prompt)
         self._active.extend(batch)

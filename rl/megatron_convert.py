@@ -1,4 +1,4 @@
-"""HF <-> Megatron-core weight conversion for the Llama, Qwen2 and Qwen3 families, with TP sharding.
+"""HF <-> Megatron-core weight conversion for the Llama, Qwen2 and Qwen3 families, TP and PP sharded.
 
 Pure functions over state dicts (name -> tensor); nothing here imports megatron-core, so the
 mapping can be tested, and checkpoints converted, on a machine without it.
@@ -6,7 +6,8 @@ mapping can be tested, and checkpoints converted, on a machine without it.
 Notation
 --------
 ``h`` hidden size, ``nh`` attention heads, ``ng`` key/value heads (query groups), ``d`` head
-dim, ``f`` MLP intermediate size, ``V`` vocabulary, ``tp`` tensor-parallel size.
+dim, ``f`` MLP intermediate size, ``V`` vocabulary, ``tp`` tensor-parallel size, ``pp`` pipeline
+stages, ``L`` decoder layers.
 
 The mapping, per decoder layer ``i`` (HF prefix ``model.layers.i.``, Megatron prefix
 ``decoder.layers.i.``; Megatron's local, non-Transformer-Engine layer spec):
@@ -40,6 +41,14 @@ never enter a softmax.
 The critic (``role="critic"``) has HF's token-classification layout (``score.weight`` (1, h),
 ``score.bias`` (1,); ``rl/critic``'s value model) and Megatron name ``value_head.{weight,bias}``,
 replicated over TP.
+
+Pipeline stages: stage ``p`` of ``pp`` holds layers ``p L/pp .. (p+1) L/pp - 1`` (``L`` divisible by
+``pp``, megatron-core's even split), numbered from 0 in its state dict as megatron-core numbers
+them (``decoder.layers.j`` is HF layer ``p L/pp + j``). The first stage also holds the embedding;
+the last the final norm and the output layer (or the value head). A tied model's last stage
+(``pp > 1``) holds its own copy of the embedding as ``output_layer.weight``, as megatron-core
+keeps it; on the way back the first stage's copy is the one read (the backend keeps the two
+equal by summing their gradients).
 
 RoPE: HF's ``rotate_half`` pairs dimension j with j + d/2, which is Megatron's default
 (``rotary_interleaved=False``); only the default rope type (no scaling) is accepted.
@@ -150,6 +159,20 @@ def check_tp(spec: ArchSpec, tp: int) -> None:
                              "pick a tensor-parallel size that divides it")
 
 
+def check_pp(spec: ArchSpec, pp: int) -> None:
+    """Raise ValueError if ``pp`` pipeline stages cannot split the decoder layers evenly."""
+    if spec.num_layers % pp:
+        raise ValueError(f"trainer.megatron.pipeline_parallel_size={pp} does not divide the model's "
+                         f"num_hidden_layers ({spec.num_layers}); pick a pipeline-parallel size that divides it")
+
+
+def stage_layers(spec: ArchSpec, pp: int, pp_rank: int) -> range:
+    """The global (HF) indices of the decoder layers on pipeline stage ``pp_rank`` of ``pp``."""
+    check_pp(spec, pp)
+    n = spec.num_layers // pp
+    return range(pp_rank * n, (pp_rank + 1) * n)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -188,19 +211,55 @@ def _qkv_split(qkv: torch.Tensor, spec: ArchSpec, ng: int) -> tuple[torch.Tensor
 
 
 def hf_to_megatron(
-    hf: dict[str, torch.Tensor], spec: ArchSpec, tp_size: int = 1, tp_rank: int = 0, role: str = "policy"
+    hf: dict[str, torch.Tensor], spec: ArchSpec, tp_size: int = 1, tp_rank: int = 0, role: str = "policy",
+    pp_size: int = 1, pp_rank: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The Megatron state dict of TP rank ``tp_rank`` of ``tp_size`` from a full HF state dict.
+    """The Megatron state dict of TP rank ``tp_rank`` of ``tp_size`` on pipeline stage ``pp_rank``
+    of ``pp_size`` from a full HF state dict.
 
     Args:
         hf: HF names -> tensors (a causal LM; ``role="critic"``: a token-classification value
             model whose ``score`` head becomes ``value_head``).
         spec: from ``arch_from_hf_config``.
     Returns:
-        Megatron names -> new tensors (never views of ``hf``).
+        Megatron names -> new tensors (never views of ``hf``); layers numbered from 0 on the stage.
     Raises:
         KeyError naming the first HF weight that is missing.
     """
+    # Only the stage's layers are converted (a stage of a large model never holds all of them).
+    full = _hf_to_megatron_tp(hf, spec, tp_size, tp_rank, role, stage_layers(spec, pp_size, pp_rank))
+    return stage_of(full, spec, pp_size, pp_rank, role)
+
+
+def stage_of(full: dict[str, torch.Tensor], spec: ArchSpec, pp_size: int, pp_rank: int,
+             role: str = "policy") -> dict[str, torch.Tensor]:
+    """The part of a Megatron state dict (one TP rank's, global layer numbers) that stage
+    ``pp_rank`` holds, its layers renumbered from 0 (the module docstring's "Pipeline stages")."""
+    if pp_size == 1:
+        return full
+    layers = stage_layers(spec, pp_size, pp_rank)
+    first, last = pp_rank == 0, pp_rank == pp_size - 1
+    out: dict[str, torch.Tensor] = {}
+    for k, v in full.items():
+        if k.startswith("decoder.layers."):
+            i, rest = k[len("decoder.layers."):].split(".", 1)
+            if int(i) in layers:
+                out[f"decoder.layers.{int(i) - layers.start}.{rest}"] = v
+        elif k.startswith("embedding."):
+            if first:
+                out[k] = v
+        elif last:
+            out[k] = v
+    if last and role != "critic" and spec.tie_word_embeddings:
+        out["output_layer.weight"] = full["embedding.word_embeddings.weight"].clone()
+    return out
+
+
+def _hf_to_megatron_tp(
+    hf: dict[str, torch.Tensor], spec: ArchSpec, tp_size: int, tp_rank: int, role: str, layers: range
+) -> dict[str, torch.Tensor]:
+    """TP rank ``tp_rank``'s weights of the decoder ``layers`` (global numbers), the embedding,
+    the final norm and the head."""
     check_tp(spec, tp_size)
     base = "model."
     padded = spec.padded_vocab(tp_size)
@@ -213,7 +272,7 @@ def hf_to_megatron(
         return hf[name]
 
     out["embedding.word_embeddings.weight"] = _split(_pad_vocab(get(f"{base}embed_tokens.weight"), padded), tp_size, tp_rank, 0)
-    for i in range(spec.num_layers):
+    for i in layers:
         h, m = f"{base}layers.{i}.", f"decoder.layers.{i}."
         out[m + "input_layernorm.weight"] = get(h + "input_layernorm.weight").clone()
         qkv = _qkv_merge(get(h + "self_attn.q_proj.weight"), get(h + "self_attn.k_proj.weight"),
@@ -245,13 +304,20 @@ def hf_to_megatron(
 # ----------------------------------------------------------------------------- Megatron -> HF
 
 
-def megatron_to_hf(shards: list[dict[str, torch.Tensor]], spec: ArchSpec, role: str = "policy") -> dict[str, torch.Tensor]:
-    """The full HF state dict from the Megatron state dicts of every TP rank (index = TP rank).
+def megatron_to_hf(shards: list[dict[str, torch.Tensor]] | list[list[dict[str, torch.Tensor]]], spec: ArchSpec,
+                   role: str = "policy") -> dict[str, torch.Tensor]:
+    """The full HF state dict from the Megatron state dicts of every TP rank (index = TP rank),
+    or, pipelined, of every stage and TP rank (``shards[pp_rank][tp_rank]``).
 
-    The inverse of ``hf_to_megatron``: ``megatron_to_hf([hf_to_megatron(hf, s, tp, r) for r in
-    range(tp)], s) == hf`` exactly. Tied models get ``lm_head.weight`` as the same tensor as
-    ``model.embed_tokens.weight`` (what ``save_pretrained`` expects of a tied model).
+    The inverse of ``hf_to_megatron``: ``megatron_to_hf([[hf_to_megatron(hf, s, tp, r, pp_size=pp,
+    pp_rank=p) for r in range(tp)] for p in range(pp)], s) == hf`` exactly (and the flat list
+    ``[hf_to_megatron(hf, s, tp, r) for r in range(tp)]`` for one stage). Tied models get
+    ``lm_head.weight`` as the same tensor as ``model.embed_tokens.weight`` (what
+    ``save_pretrained`` expects of a tied model).
     """
+    if shards and not isinstance(shards[0], dict):
+        stages: list[list[dict[str, torch.Tensor]]] = shards  # type: ignore[assignment]
+        shards = [merge_stages([stage[r] for stage in stages], spec, role) for r in range(len(stages[0]))]
     tp = len(shards)
     check_tp(spec, tp)
     ng_r = spec.num_kv_heads // tp
@@ -291,6 +357,27 @@ def megatron_to_hf(shards: list[dict[str, torch.Tensor]], spec: ArchSpec, role: 
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     else:
         out["lm_head.weight"] = cat("output_layer.weight", 0)[: spec.vocab_size].clone()
+    return out
+
+
+def merge_stages(stages: list[dict[str, torch.Tensor]], spec: ArchSpec, role: str = "policy") -> dict[str, torch.Tensor]:
+    """One TP rank's whole-model state dict from its state dict on each pipeline stage (index =
+    stage): layers renumbered globally; a tied model's last-stage copy of the embedding dropped."""
+    pp = len(stages)
+    if pp == 1:
+        return stages[0]
+    out: dict[str, torch.Tensor] = {}
+    for p, stage in enumerate(stages):
+        offset = stage_layers(spec, pp, p).start
+        for k, v in stage.items():
+            if k.startswith("decoder.layers."):
+                i, rest = k[len("decoder.layers."):].split(".", 1)
+                k = f"decoder.layers.{int(i) + offset}.{rest}"
+            elif k == "output_layer.weight" and role != "critic" and spec.tie_word_embeddings:
+                continue
+            if k in out:
+                raise ValueError(f"merge_stages: {k} is on two pipeline stages")
+            out[k] = v
     return out
 
 

@@ -1,6 +1,7 @@
 """HF <-> Megatron weight conversion: exact round trips (Llama tied/untied, Qwen2 with qkv bias,
-Qwen3 with qk-norm and a head_dim that is not hidden/heads) at TP 1, 2 and 4, the layouts
-worked by hand on tiny tensors, and the options that have no mapping. No megatron-core needed."""
+Qwen3 with qk-norm and a head_dim that is not hidden/heads) at TP 1, 2 and 4 and through PP=2
+stages, the layouts worked by hand on tiny tensors, and the options that have no mapping. No
+megatron-core needed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from relayrl.rl.megatron_convert import (
     ArchSpec,
     UnsupportedModel,
     arch_from_hf_config,
+    check_pp,
     check_tp,
     from_te_names,
     hf_to_megatron,
@@ -55,6 +57,53 @@ def test_round_trip_is_exact(name, tp):
     # Every shard holds 1/tp of each split weight.
     for k in ("decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.1.mlp.linear_fc1.weight"):
         assert shards[0][k].shape[0] * tp == hf_to_megatron(hf, spec, 1, 0)[k].shape[0]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_round_trip_through_pipeline_stages_is_exact(name, tp):
+    config = CONFIGS[name]
+    spec = arch_from_hf_config(config)
+    hf = random_hf_state(config)
+    stages = [[hf_to_megatron(hf, spec, tp, r, pp_size=2, pp_rank=p) for r in range(tp)] for p in range(2)]
+    back = megatron_to_hf(stages, spec)
+    assert sorted(back) == sorted(hf)
+    for k in hf:
+        assert torch.equal(back[k], hf[k]), k
+    # Each stage holds one of the two layers, numbered 0 there; HF layer 1 is stage 1's layer 0.
+    whole = hf_to_megatron(hf, spec, tp, 0)
+    first, last = stages[0][0], stages[1][0]
+    assert {k.split(".")[2] for k in first if k.startswith("decoder.layers.")} == {"0"}
+    assert {k.split(".")[2] for k in last if k.startswith("decoder.layers.")} == {"0"}
+    key = "self_attention.linear_qkv.weight"
+    assert torch.equal(last[f"decoder.layers.0.{key}"], whole[f"decoder.layers.1.{key}"])
+    assert torch.equal(first[f"decoder.layers.0.{key}"], whole[f"decoder.layers.0.{key}"])
+    # The embedding on the first stage, the final norm and output layer on the last; a tied
+    # model's last stage keeps its own copy of the embedding as the output layer (megatron-core's).
+    assert "embedding.word_embeddings.weight" in first and "embedding.word_embeddings.weight" not in last
+    assert "decoder.final_layernorm.weight" in last and "decoder.final_layernorm.weight" not in first
+    assert "output_layer.weight" not in first
+    expected_out = whole["embedding.word_embeddings.weight"] if spec.tie_word_embeddings else whole["output_layer.weight"]
+    assert torch.equal(last["output_layer.weight"], expected_out)
+
+
+def test_critic_through_pipeline_stages():
+    spec = arch_from_hf_config(CONFIGS["llama_tied"])
+    hf = {k: v for k, v in random_hf_state(CONFIGS["llama_tied"]).items() if k != "lm_head.weight"}
+    hf |= {"score.weight": torch.randn(1, 32), "score.bias": torch.randn(1)}
+    stages = [[hf_to_megatron(hf, spec, role="critic", pp_size=2, pp_rank=p)] for p in range(2)]
+    assert "value_head.weight" in stages[1][0] and "output_layer.weight" not in stages[1][0]
+    back = megatron_to_hf(stages, spec, role="critic")
+    assert sorted(back) == sorted(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+def test_pp_must_divide_layers():
+    spec = arch_from_hf_config(CONFIGS["llama_tied"])  # 2 layers
+    check_pp(spec, 2)  # fits: no error
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=3 does not divide the model's num_hidden_layers \(2\)"):
+        check_pp(spec, 3)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=4 does not divide"):
+        hf_to_megatron(random_hf_state(CONFIGS["llama_tied"]), spec, pp_size=4, pp_rank=0)
 
 
 def test_family_options_are_read():

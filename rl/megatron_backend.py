@@ -78,6 +78,7 @@ from relayrl.rl.megatron_convert import (
     VALUE_HEAD,
     ArchSpec,
     arch_from_hf_config,
+    check_pp,
     from_te_names,
     hf_to_megatron,
     megatron_to_hf,
@@ -127,6 +128,13 @@ def pack_index(lengths: list[int], T: int) -> tuple[torch.Tensor, torch.Tensor]:
     return flat_padded, torch.arange(flat_padded.shape[0])
 
 
+def replica_of(rank: int, world_size: int, tp: int, pp: int) -> int:
+    """The data-parallel replica (data shard) of global ``rank`` in megatron-core's rank order
+    (``tp-cp-ep-dp-pp``: TP fastest, then DP, the pipeline stage slowest): ``(rank // tp) % dp``
+    with ``dp = world_size / (tp pp)``. All TP ranks and stages of a replica see its samples."""
+    return (rank // tp) % (world_size // (tp * pp))
+
+
 def _require_device() -> None:
     if torch.cuda.is_available():
         return
@@ -169,11 +177,16 @@ def use_transformer_engine(setting: bool | str) -> bool:
 
 
 def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te: bool = False,
-                    recompute: bool = False, vocab_parallel: bool = False) -> torch.nn.Module:
+                    recompute: bool = False, vocab_parallel: bool = False, pp: int = 1,
+                    pre_process: bool = True, post_process: bool = True) -> torch.nn.Module:
     """megatron-core's GPTModel for ``spec`` (parallel state initialised), with Transformer
     Engine's layer spec (``te``) or the local one; ``recompute``: full activation recomputation
     of every layer in backward (``trainer.gradient_checkpointing``; megatron's checkpoint saves
-    CUDA RNG states, so it runs on GPUs only, not through the CPU test shims)."""
+    CUDA RNG states, so it runs on GPUs only, not through the CPU test shims).
+
+    With ``pp`` stages it is this rank's stage: megatron-core builds the stage's share of the
+    layers (from the parallel state's PP rank); ``pre_process`` (first stage) adds the embedding,
+    ``post_process`` (last stage) the final norm and the output layer (the value head)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -189,6 +202,17 @@ def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te:
         num_query_groups=spec.num_kv_heads,
         kv_channels=spec.head_dim,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        # Stages exchange (s, b, h) activations of the parameters' dtype; micro-batches differ in
+        # length, so the schedule sends each one's shape first.
+        pipeline_dtype=dtype,
+        variable_seq_lengths=pp > 1,
+        # A MoE-only setting (these models are dense); its default, allgather, is refused with
+        # variable_seq_lengths by TransformerConfig's checks.
+        moe_token_dispatcher_type="alltoall",
+        # The schedule then leaves the loss as ``loss_fn`` made it (normalised for the whole
+        # minibatch, rl.backend) instead of dividing it by micro-batch or token counts.
+        calculate_per_token_loss=True,
         normalization="RMSNorm",
         layernorm_epsilon=spec.norm_eps,
         gated_linear_unit=True,
@@ -224,8 +248,10 @@ def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te:
         rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
         share_embeddings_and_output_weights=tie,
         parallel_output=vocab_parallel,  # False: logits gathered over TP, then cut to the true vocabulary
+        pre_process=pre_process,
+        post_process=post_process,
     )
-    if role == "critic":
+    if role == "critic" and post_process:
         model.output_layer = ValueHead(spec.hidden_size, dtype)
     return model
 
@@ -263,14 +289,16 @@ class MegatronBackend:
         self.dtype = _as_dtype(dtype)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.tp = trainer_cfg.megatron.tensor_parallel_size
-        if world_size % self.tp:
+        self.pp = trainer_cfg.megatron.pipeline_parallel_size
+        if world_size % (self.tp * self.pp):
             raise ValueError(f"trainer.world_size={world_size} is not a multiple of "
-                             f"trainer.megatron.tensor_parallel_size={self.tp}")
+                             f"trainer.megatron.tensor_parallel_size x pipeline_parallel_size={self.tp * self.pp}")
         self.global_step = 0
 
         self.te = use_transformer_engine(trainer_cfg.megatron.transformer_engine)
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
         self.spec = arch_from_hf_config(self.hf_config)
+        check_pp(self.spec, self.pp)
         distributed.init_distributed(rank, world_size)
         self._init_parallel_state()
         self.device = distributed.device()
@@ -280,7 +308,13 @@ class MegatronBackend:
         self.vocab_parallel = self.tp > 1 and role != "critic"
         self.model = build_gpt_model(self.spec, self.tp, self.dtype, role, self.te,
                                      recompute=trainer_cfg.gradient_checkpointing and role != "reference",
-                                     vocab_parallel=self.vocab_parallel).to(self.device)
+                                     vocab_parallel=self.vocab_parallel, pp=self.pp, pre_process=self.first_stage,
+                                     post_process=self.last_stage).to(self.device)
+        from megatron.core import parallel_state as ps
+
+        # A tied embedding's two copies (first and last stage), whose gradients are summed.
+        tied_over_stages = self.pp > 1 and self.model.share_embeddings_and_output_weights
+        self.embedding_group = ps.get_embedding_group() if tied_over_stages and ps.is_rank_in_embedding_group() else None
         self._load_hf(hf_state)
         self.model.eval()
         self.optimizer = self.scheduler = None
@@ -301,15 +335,19 @@ class MegatronBackend:
         from megatron.core import tensor_parallel
 
         if ps.model_parallel_is_initialized():
-            if ps.get_tensor_model_parallel_world_size() != self.tp:
-                raise ValueError("two megatron backends in one process must use the same tensor_parallel_size")
+            if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (self.tp, self.pp):
+                raise ValueError("two megatron backends in one process must use the same tensor_parallel_size "
+                                 "and pipeline_parallel_size")
         else:
-            ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=1)
+            ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp)
             tensor_parallel.model_parallel_cuda_manual_seed(self.seed)
         self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
+        self.first_stage, self.last_stage = self.pp_rank == 0, self.pp_rank == self.pp - 1
 
     def _hf_state(self, path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -332,7 +370,8 @@ class MegatronBackend:
         return state
 
     def _load_hf(self, hf_state: dict[str, torch.Tensor]) -> None:
-        shard = hf_to_megatron(hf_state, self.spec, self.tp, self.tp_rank, role=self.role)
+        shard = hf_to_megatron(hf_state, self.spec, self.tp, self.tp_rank, role=self.role, pp_size=self.pp,
+                               pp_rank=self.pp_rank)
         if self.te:
             shard = to_te_names(shard)
         if self.role == "critic":
@@ -354,49 +393,51 @@ class MegatronBackend:
             raise ValueError("a sample has an empty 'tokens' tensor; every sample needs at least one token")
         return plan_micro_batches(lengths, self.trainer_cfg.micro_batch_size, self.trainer_cfg.max_tokens_per_micro_batch)
 
-    def _model_out(self, mb: MicroBatch) -> torch.Tensor:
-        """(b, T, k) outputs in the padded layout: logits over the true vocabulary, or values (k=1)."""
+    def _model_inputs(self, mb: MicroBatch) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """GPTModel's keyword arguments for a micro-batch, and the index that moves packed outputs
+        back to padded rows (None for right-padded rows).
+
+        Local spec: right-padded rows under ``causal_mask``, or one packed row under
+        ``packed_mask``. Transformer Engine (GPU): right-padded rows need no mask, TE's attention
+        is causal (the spec's mask type) and a real token never sees a later, padded one; packed
+        is the THD layout, one row of all tokens, ``cu_seqlens`` marking where each sub-trace
+        starts (RoPE and attention restart there)."""
         tokens = mb["tokens"]
         b, T = tokens.shape
         lengths = mb["attention_mask"].sum(-1).tolist()
-        if self.te:
-            return self._model_out_te(tokens, lengths)
-        if self.trainer_cfg.megatron.pack_sequences and b > 1:
-            to_padded, _ = pack_index(lengths, T)
-            to_padded = to_padded.to(tokens.device)
-            row = tokens.reshape(-1)[to_padded][None]
-            S = row.shape[1]
-            pos = torch.arange(S, device=tokens.device)[None]
-            out = self.model(row, pos, attention_mask=packed_mask(lengths, tokens.device))[0]  # (S, k)
-            out = out[:, : self._width()]
-            padded = out.new_zeros(b * T, out.shape[-1]).index_copy(0, to_padded, out)
-            return padded.reshape(b, T, -1)
-        pos = torch.arange(T, device=tokens.device)[None].expand(b, T)
-        out = self.model(tokens, pos, attention_mask=causal_mask(lengths, T, tokens.device))
-        return out[..., : self._width()]
-
-    def _model_out_te(self, tokens: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """Transformer Engine path (GPU). Right-padded rows need no mask: TE's attention is causal
-        (the spec's mask type), and a real token never sees a later, padded one. Packed: THD
-        layout, one row of all tokens, ``cu_seqlens`` marking where each sub-trace starts (RoPE
-        and attention restart there)."""
-        b, T = tokens.shape
         if not (self.trainer_cfg.megatron.pack_sequences and b > 1):
             pos = torch.arange(T, device=tokens.device)[None].expand(b, T)
-            return self.model(tokens, pos, attention_mask=None)[..., : self._width()]
-        from megatron.core.packed_seq_params import PackedSeqParams
-
+            mask = None if self.te else causal_mask(lengths, T, tokens.device)
+            return {"input_ids": tokens, "position_ids": pos, "attention_mask": mask}, None
         to_padded, _ = pack_index(lengths, T)
         to_padded = to_padded.to(tokens.device)
         row = tokens.reshape(-1)[to_padded][None]
+        if not self.te:
+            pos = torch.arange(row.shape[1], device=tokens.device)[None]
+            return {"input_ids": row, "position_ids": pos, "attention_mask": packed_mask(lengths, tokens.device)}, to_padded
+        from megatron.core.packed_seq_params import PackedSeqParams
+
         cu = torch.zeros(b + 1, dtype=torch.int32, device=tokens.device)
         cu[1:] = torch.cumsum(torch.tensor(lengths, device=tokens.device), 0)
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
         pos = torch.cat([torch.arange(n, device=tokens.device) for n in lengths])[None]
-        out = self.model(row, pos, attention_mask=None, packed_seq_params=params)[0][:, : self._width()]
+        return {"input_ids": row, "position_ids": pos, "attention_mask": None, "packed_seq_params": params}, to_padded
+
+    def _padded_out(self, out: torch.Tensor, mb: MicroBatch, to_padded: torch.Tensor | None) -> torch.Tensor:
+        """The last stage's (b, s, k) model output as (b, T, k) in the padded layout: logits over
+        the true vocabulary (this rank's vocabulary shard at TP > 1), or values (k=1)."""
+        if to_padded is None:
+            return out[..., : self._width()]
+        b, T = mb["tokens"].shape
+        out = out[0][:, : self._width()]  # (S, k)
         padded = out.new_zeros(b * T, out.shape[-1]).index_copy(0, to_padded, out)
         return padded.reshape(b, T, -1)
+
+    def _model_out(self, mb: MicroBatch) -> torch.Tensor:
+        """(b, T, k) outputs in the padded layout (one stage: the whole model)."""
+        kwargs, to_padded = self._model_inputs(mb)
+        return self._padded_out(self.model(**kwargs), mb, to_padded)
 
     def _width(self) -> int:
         if self.role == "critic":
@@ -404,8 +445,11 @@ class MegatronBackend:
         return self.spec.padded_vocab(self.tp) // self.tp if self.vocab_parallel else self.spec.vocab_size
 
     def _forward(self, mb: MicroBatch, temperature: float) -> dict[str, torch.Tensor]:
+        return self._outputs(self._model_out(mb), mb, temperature)
+
+    def _outputs(self, out: torch.Tensor, mb: MicroBatch, temperature: float) -> dict[str, torch.Tensor]:
+        """The per-token outputs of ``rl.backend`` from (b, T, k) padded model outputs."""
         m = mb["attention_mask"]
-        out = self._model_out(mb)
         if self.role == "critic":
             return {"values": out.squeeze(-1).float() * m.float()}
         if self.vocab_parallel:
@@ -422,19 +466,66 @@ class MegatronBackend:
         out: list[torch.Tensor | None] = [None] * len(samples)
         self.model.eval()
         with torch.no_grad():
-            for idx in plan:
-                mb = collate([samples[i] for i in idx], self.device)
-                values = self._forward(mb, temperature)[key].cpu()
+            if self.pp > 1:
+                mbs = [collate([samples[i] for i in idx], self.device) for idx in plan]
+                per_mb = [r[key] for r in self._pipeline(mbs, temperature, None)]
+            else:
+                per_mb = (self._forward(collate([samples[i] for i in idx], self.device), temperature)[key].cpu()
+                          for idx in plan)
+            for idx, values in zip(plan, per_mb, strict=True):
                 for j, i in enumerate(idx):
                     out[i] = values[j, : samples[i]["tokens"].shape[0]].clone()
         return out  # type: ignore[return-value]
+
+    def _pipeline(self, mbs: list[MicroBatch], temperature: float, loss_fn: LossFn | None) -> list[dict[str, Any]]:
+        """Run ``mbs`` through the pipeline with megatron-core's 1F1B schedule (forward only when
+        ``loss_fn`` is None, else forward and backward, gradients accumulating in ``.grad``).
+
+        Every stage collates the same micro-batches (all ranks of a replica hold its samples):
+        the first embeds the tokens, the others take the previous stage's activations (p2p), and
+        all build the attention mask. ``loss_fn`` runs on the last stage. Returns, on every
+        stage (a broadcast from the last), one dict per micro-batch: the outputs (CPU tensors)
+        when forward only, else ``{"loss": float, "metrics": {name: float}}``.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        results: list[dict[str, Any]] = []
+        if mbs:
+            data = iter(mbs)
+
+            def forward_step(data_iterator, model):
+                mb = next(data_iterator)
+                kwargs, to_padded = self._model_inputs(mb)
+                out = model(**kwargs)  # (s, b, h) activations, or on the last stage (b, s, k)
+
+                def on_last_stage(out: torch.Tensor):
+                    outputs = self._outputs(self._padded_out(out, mb, to_padded), mb, temperature)
+                    one = torch.ones((), dtype=torch.int, device=out.device)
+                    if loss_fn is None:
+                        results.append({k: v.cpu() for k, v in outputs.items()})
+                        return out.new_zeros(()), one, None
+                    loss, metrics = loss_fn(outputs, mb)
+                    results.append({"loss": float(loss.detach()), "metrics": {
+                        k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}})
+                    return loss, one, None
+
+                return out, on_last_stage
+
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=data, model=self.model, num_microbatches=len(mbs),
+                seq_length=max(int(mb["tokens"].shape[1]) for mb in mbs),
+                micro_batch_size=max(int(mb["tokens"].shape[0]) for mb in mbs), forward_only=loss_fn is None)
+        box = [results]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.pp_group, self.pp - 1), group=self.pp_group)
+        return box[0]
 
     # -- the protocol
 
     @property
     def reports(self) -> bool:
-        """Whether this rank's outputs and metrics are its replica's (TP rank 0)."""
-        return self.tp_rank == 0
+        """Whether this rank's outputs and metrics are its replica's: TP rank 0 of the first
+        stage, the replica's lowest global rank (every rank of a replica returns the same)."""
+        return self.tp_rank == 0 and self.pp_rank == 0
 
     def forward_logprobs(self, samples: list[Sample], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per sample, (t,) fp32 ``log p(tokens[i] | tokens[:i])`` at ``temperature`` (position 0: 0.0). No grad."""
@@ -460,13 +551,20 @@ class MegatronBackend:
         loss_sum = 0.0
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
-        for idx in plan:
-            mb = collate([samples[i] for i in idx], self.device)
-            loss, metrics = loss_fn(self._forward(mb, temperature), mb)
-            loss.backward()
-            loss_sum += float(loss.detach())
-            for name, value in metrics.items():
-                sums[name] += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        if self.pp > 1:
+            for r in self._pipeline([collate([samples[i] for i in idx], self.device) for idx in plan],
+                                    temperature, loss_fn):
+                loss_sum += r["loss"]
+                for name, value in r["metrics"].items():
+                    sums[name] += value
+        else:
+            for idx in plan:
+                mb = collate([samples[i] for i in idx], self.device)
+                loss, metrics = loss_fn(self._forward(mb, temperature), mb)
+                loss.backward()
+                loss_sum += float(loss.detach())
+                for name, value in metrics.items():
+                    sums[name] += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         self._reduce_grads()
         grad_norm = self._grad_norm()
         clip = self.optim_cfg.grad_clip
@@ -485,6 +583,11 @@ class MegatronBackend:
         return out
 
     def _reduce_grads(self) -> None:
+        """Sum gradients over the DP replicas, and a tied embedding's over its two stages."""
+        if self.embedding_group is not None:
+            w = self.model.shared_embedding_or_output_weight()
+            if w is not None and w.grad is not None:
+                dist.all_reduce(w.grad, op=dist.ReduceOp.SUM, group=self.embedding_group)
         if dist.get_world_size(self.dp_group) == 1:
             return
         for p in self.model.parameters():
@@ -494,10 +597,13 @@ class MegatronBackend:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=self.dp_group)
 
     def _grad_norm(self) -> float:
+        """The whole model's gradient norm: TP-sharded slices summed over the TP group,
+        replicated weights once, each stage's parameters once over the PP group (a tied
+        embedding's last-stage copy, megatron's ``shared`` weight, not at all)."""
         sharded = torch.zeros((), dtype=torch.float64, device=self.device)
         replicated = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.model.parameters():
-            if p.grad is None:
+            if p.grad is None or getattr(p, "shared", False):
                 continue
             sq = p.grad.detach().double().pow(2).sum()
             if getattr(p, "tensor_model_parallel", False):
@@ -506,7 +612,10 @@ class MegatronBackend:
                 replicated += sq
         if self.tp > 1:
             dist.all_reduce(sharded, op=dist.ReduceOp.SUM, group=self.tp_group)
-        return float((sharded + replicated).sqrt())
+        total = sharded + replicated
+        if self.pp > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.pp_group)
+        return float(total.sqrt())
 
     def _megatron_state(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
@@ -520,8 +629,9 @@ class MegatronBackend:
     def state_dict_for_engine(self, on_this_rank: bool = True) -> dict[str, torch.Tensor]:
         """Full weights under HF names, CPU tensors, on global rank 0 (``{}`` elsewhere).
 
-        The ranks of DP replica 0 take part (TP shards are gathered to its TP rank 0); the
-        other replicas return at once. Tied models share one tensor for embed/lm_head.
+        The ranks of DP replica 0 take part (TP shards are gathered to each stage's TP rank 0,
+        the stages to the first stage's); the other replicas return at once. Tied models share
+        one tensor for embed/lm_head.
         """
         if self.dp_rank != 0:
             return {}
@@ -532,9 +642,15 @@ class MegatronBackend:
             shards = [None] * self.tp if self.tp_rank == 0 else None
             dst = dist.get_global_rank(self.tp_group, 0)
             dist.gather_object(local, shards, dst=dst, group=self.tp_group)
-        if self.tp_rank != 0 or not on_this_rank:
+        if self.tp_rank != 0:
             return {}
-        hf = megatron_to_hf(shards, self.spec, role=self.role)  # type: ignore[arg-type]
+        stages = [shards]
+        if self.pp > 1:  # TP rank 0 of each stage sends its stage's TP shards to the first stage's
+            stages = [None] * self.pp if self.pp_rank == 0 else None
+            dist.gather_object(shards, stages, dst=dist.get_global_rank(self.pp_group, 0), group=self.pp_group)
+        if self.pp_rank != 0 or not on_this_rank:
+            return {}
+        hf = megatron_to_hf(stages, self.spec, role=self.role)  # type: ignore[arg-type]
         return {k: hf[k] for k in sorted(hf)}
 
     def export_hf(self, path: str | os.PathLike[str]) -> None:
@@ -584,7 +700,8 @@ class MegatronBackend:
                 shutil.copy2(src, out / name)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Weights (per-rank Megatron shards and an ``hf/`` export), optimizer, scheduler, RNG and
+        """Weights (per-rank Megatron shards, a stage's on each of its ranks, and an ``hf/`` export
+        of the whole model), optimizer, scheduler, RNG and
         step counter under ``path``, written into ``.<name>.partial`` and renamed when complete
         (as ``DeepSpeedBackend.save``). All ranks call it."""
         path = Path(path)
@@ -605,7 +722,8 @@ class MegatronBackend:
         if self.rank == 0:
             meta = {"format": CHECKPOINT_FORMAT, "backend": "megatron", "role": self.role,
                     "global_step": self.global_step, "world_size": self.world_size,
-                    "tensor_parallel_size": self.tp, "dtype": str(self.dtype).removeprefix("torch.")}
+                    "tensor_parallel_size": self.tp, "pipeline_parallel_size": self.pp,
+                    "dtype": str(self.dtype).removeprefix("torch.")}
             (tmp / _META).write_text(json.dumps(meta, indent=1))
             _fsync_tree(tmp)
             if path.exists():
@@ -615,15 +733,16 @@ class MegatronBackend:
         distributed.barrier()
 
     def load(self, path: str | os.PathLike[str]) -> None:
-        """Restore everything ``save`` wrote (same role, world size and TP size)."""
+        """Restore everything ``save`` wrote (same role, world size, TP and PP sizes: each rank
+        reads its own shard, ``rank{r}.pt``)."""
         path = Path(path)
         meta_file = path / _META
         if not meta_file.is_file():
             raise FileNotFoundError(f"load: {path} is not a complete backend checkpoint (no {_META})")
         meta = json.loads(meta_file.read_text())
         for key, mine in (("backend", "megatron"), ("role", self.role), ("world_size", self.world_size),
-                          ("tensor_parallel_size", self.tp)):
-            if meta.get(key) != mine:
+                          ("tensor_parallel_size", self.tp), ("pipeline_parallel_size", self.pp)):
+            if meta.get(key, 1 if key == "pipeline_parallel_size" else None) != mine:
                 raise ValueError(f"load: {path} was saved with {key}={meta.get(key)!r}, this backend has {key}={mine!r}")
         blob = torch.load(path / f"rank{self.rank}.pt", weights_only=False)
         state = blob["model"]

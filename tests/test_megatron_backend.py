@@ -28,6 +28,7 @@ from support.megatron_tp import nll_loss_fn  # noqa: E402
 from relayrl.config import AlgorithmConfig, OptimConfig, TrainerConfig  # noqa: E402
 from relayrl.model import make_tiny_model  # noqa: E402
 from relayrl.rl.backend import TrainerBackend  # noqa: E402
+from relayrl.rl.distributed import free_port  # noqa: E402
 from relayrl.rl.deepspeed_backend import collate, token_logprobs_and_entropy  # noqa: E402
 from relayrl.rl.megatron_backend import causal_mask, pack_index, packed_mask  # noqa: E402
 from relayrl.rl.megatron_convert import megatron_to_hf  # noqa: E402
@@ -341,6 +342,102 @@ def test_two_ranks_equal_one(tiny, tmp_path, tp):
     assert sorted(two["weights"]) == sorted(w1)
     for k in w1:
         torch.testing.assert_close(two["weights"][k], w1[k], rtol=0, atol=2e-6, msg=k)
+
+
+# ----------------------------------------------------------------------------- PP=2 == PP=1
+
+
+def _spawn(fn, args, nprocs=2):
+    import torch.multiprocessing as mp
+
+    tests_dir = str(Path(__file__).parent)
+    old = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = tests_dir + (os.pathsep + old if old else "")
+    try:
+        mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="spawn")
+    finally:
+        os.environ["PYTHONPATH"] = old
+
+
+def _critic_batch(samples, values, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for s, v in zip(samples, values, strict=True):
+        vm = s["loss_mask"].roll(-1).clone()
+        vm[-1] = 0
+        batch.append(s | {"value_mask": vm, "old_values": (v + 0.1 * torch.randn(v.shape, generator=g)) * vm,
+                          "returns": torch.randn(v.shape, generator=g) * vm})
+    return batch
+
+
+def test_two_pipeline_stages_equal_one(tiny, tmp_path):
+    """PP=2 (two gloo processes, one layer per stage, the tied embedding's copy on the last
+    stage) against PP=1 in this process, for a policy (PPO loss) and a critic (value loss):
+    the per-token outputs, the metrics of two steps, the weights after each; a checkpoint saved
+    after step 1 and loaded into a fresh pipeline continues bit for bit. Tolerances as above."""
+    from functools import partial
+
+    from support.megatron_tp import run_pipeline_rank
+
+    samples = make_samples(LENGTHS + [5, 11])  # micro_batch_size 2: three micro-batches
+    optim = OptimConfig(lr=1e-3, eps=1e-3, grad_clip=None, warmup_steps=3)
+    policy = MegatronBackend("policy", tiny, trainer_cfg(), optim)
+    critic = MegatronBackend("critic", tiny, trainer_cfg(), optim)  # a fresh head, seed 0 on both sides
+    lp, values = policy.forward_logprobs(samples), critic.forward_values(samples)
+    p_batch, c_batch = ppo_samples(samples, lp), _critic_batch(samples, values)
+    n = sum(int(s["loss_mask"].sum()) for s in samples)
+    jobs = [
+        {"name": "policy", "role": "policy", "model_dir": str(tiny), "samples": p_batch,
+         "loss_fn": partial(make_policy_loss_fn, ALG, num_tokens=n, num_sequences=len(samples))},
+        {"name": "critic", "role": "critic", "model_dir": str(tiny), "samples": c_batch,
+         "loss_fn": partial(make_value_loss_fn, AlgorithmConfig(), num_tokens=n, num_sequences=len(samples))},
+    ]
+    _spawn(run_pipeline_rank, (2, free_port(), str(tmp_path), jobs))
+    two = torch.load(tmp_path / "pipeline.pt", weights_only=False)
+
+    for job, one, ref in ((jobs[0], policy, lp), (jobs[1], critic, values)):
+        got = two[job["name"]]
+        ranks = got["ranks"]
+        assert [r["stage"] for r in ranks] == [0, 1] and [r["layers"] for r in ranks] == [1, 1]
+        assert [r["reports"] for r in ranks] == [True, False]
+        assert all(r["replica"] == (0, 0) for r in ranks)  # one replica: both stages see every sample
+        for r in ranks:  # the last stage's outputs reach both stages
+            for a, b in zip(r["outputs"], ref, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+        m1 = one.train_step(job["samples"], job["loss_fn"]())
+        w1 = one.state_dict_for_engine()
+        m2 = one.train_step(job["samples"], job["loss_fn"]())
+        w2 = one.state_dict_for_engine()
+        assert m1["num_micro_batches"] == 3.0
+        for r in ranks:
+            for mine, theirs in ((r["step1"], m1), (r["step2"], m2)):
+                assert sorted(mine) == sorted(theirs)
+                for key in theirs:
+                    assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-7), (job["name"], key)
+            assert r["step2_resumed"] == r["step2"]  # resumed from the step-1 checkpoint, bit for bit
+        for mine, theirs in ((got["weights1"], w1), (got["weights2"], w2)):
+            assert sorted(mine) == sorted(theirs)
+            for k in theirs:
+                torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=2e-6, msg=k)
+        assert max(float((w2[k] - w1[k]).abs().max()) for k in w1) > 1e-4  # the second step did something
+        assert all(torch.equal(got["weights2_resumed"][k], got["weights2"][k]) for k in w2)
+        # The export holds the whole model: both stages' layers, embedding and head.
+        from safetensors.torch import load_file
+
+        exported = load_file(tmp_path / f"hf_{job['name']}" / "model.safetensors")
+        assert set(exported) == set(w2) - ({"lm_head.weight"} if job["role"] == "policy" else set())
+        assert all(torch.equal(exported[k], got["weights2"][k]) for k in exported)
+
+
+def test_replica_of_is_the_trainer_groups_shard_without_pipeline():
+    from relayrl.rl.megatron_backend import replica_of
+    from relayrl.rl.trainer_actor import data_parallel_ranks
+
+    for world, tp in ((4, 1), (4, 2), (8, 2), (8, 4)):
+        tc = TrainerConfig(backend="megatron", world_size=world, megatron={"tensor_parallel_size": tp})
+        assert [replica_of(r, world, tp, 1) for r in range(world)] == data_parallel_ranks(world, tc)
+    # TP 2 x DP 2 x PP 2 in megatron's order: ranks 0-3 are stage 0, 4-7 stage 1; TP pairs adjacent.
+    assert [replica_of(r, 8, 2, 2) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
 
 
 # ----------------------------------------------------------------------------- without the shims

@@ -1,6 +1,7 @@
-"""Two shims that let megatron-core 0.16 run its GPT model on a CPU, for tests only.
+"""Shims that let megatron-core 0.16 run its GPT model, and its pipeline schedule, on a CPU,
+for tests only.
 
-megatron-core assumes CUDA in two places that the CPU tests reach:
+megatron-core assumes CUDA in these places that the CPU tests reach:
 
 1. ``torch.cuda.current_device()`` is called to place tensors (the rotary embedding's
    ``inv_freq``, the ``GlobalMemoryBuffer`` that tensor-parallel layers gather into). On a CPU
@@ -11,6 +12,13 @@ megatron-core assumes CUDA in two places that the CPU tests reach:
    keeps the tracker's named states as *CPU* generator states instead: ``add(name, seed)``
    records the CPU state seeded with ``seed``, ``fork(name)`` swaps it in and out, exactly as
    the CUDA version does for CUDA states.
+3. Pipeline parallel: the 1F1B schedule counts tokens in ``torch.zeros(..., device="cuda")``
+   and the p2p communicator calls ``torch.cuda.synchronize()`` after its batched sends; a tied
+   model's last stage moves its embedding copy with ``weight.data.cuda()`` before the
+   all-reduce that copies the first stage's values into it. The shim gives the schedule module
+   a ``torch`` whose ``zeros`` puts ``"cuda"`` tensors on the CPU, makes ``synchronize`` a no-op
+   (gloo's sends have completed when their requests are waited on) and ``Tensor.cuda`` return
+   the tensor itself.
 
 Nothing here is imported by relayrl itself: the product path (``rl/megatron_backend.py``)
 runs megatron-core unmodified on GPUs. ``install()`` is idempotent and process-wide, which is
@@ -64,4 +72,21 @@ def install() -> None:
     mrandom.CudaRNGStatesTracker.add = add
     mrandom.CudaRNGStatesTracker.fork = fork
     mrandom.CudaRNGStatesTracker.get_states = get_states
+
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchWithCpuForCuda()
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
     _installed = True
+
+
+class _TorchWithCpuForCuda:
+    """``torch`` for megatron's schedule module, ``zeros(..., device="cuda")`` on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)

@@ -365,12 +365,15 @@ class OptimConfig(_Section):
 
 class MegatronConfig(_Section):
     tensor_parallel_size: int = Field(1, ge=1)
-    """Tensor-parallel ranks per model replica; trainer.world_size must be a multiple of it
-    (the rest is data parallel). Must divide the model's heads, KV heads and MLP width."""
+    """Tensor-parallel ranks per pipeline stage; trainer.world_size must be a multiple of it
+    times pipeline_parallel_size (the rest is data parallel). Must divide the model's heads,
+    KV heads and MLP width."""
     pipeline_parallel_size: int = Field(1, ge=1)
-    """Pipeline stages. Only 1 in this version."""
+    """Pipeline stages per model replica, each holding an equal share of the decoder layers (the
+    first also the embedding, the last the final norm and head), micro-batches flowing through
+    them in megatron-core's 1F1B schedule. Must divide the model's num_hidden_layers."""
     context_parallel_size: int = Field(1, ge=1)
-    """Context-parallel ranks. Only 1 in this version."""
+    """Context-parallel ranks. Only 1 in this version (not implemented)."""
     pack_sequences: bool = False
     """Pack a micro-batch's sub-traces into one row, no token attending across two of them,
     instead of right-padding each to the longest. With Transformer Engine: THD packing
@@ -546,13 +549,17 @@ class Config(_Section):
                              "sub-agents; set compaction.enabled=false and subagents.enabled=false")
         m = self.trainer.megatron
         if self.trainer.backend == "megatron":
-            for key in ("pipeline_parallel_size", "context_parallel_size"):
-                if getattr(m, key) != 1:
-                    raise ValueError(f"trainer.megatron.{key}: only 1 is supported in this version; "
-                                     "scale with tensor_parallel_size and trainer.world_size")
-            if self.trainer.world_size % m.tensor_parallel_size:
+            if m.context_parallel_size != 1:
+                raise ValueError("trainer.megatron.context_parallel_size: only 1 is supported in this version "
+                                 "(context parallel is not implemented); scale with tensor_parallel_size, "
+                                 "pipeline_parallel_size and trainer.world_size")
+            replica = m.tensor_parallel_size * m.pipeline_parallel_size
+            if self.trainer.world_size % replica:
+                pp = (f" x trainer.megatron.pipeline_parallel_size ({m.pipeline_parallel_size}) = {replica}, "
+                      "the ranks of one model replica" if m.pipeline_parallel_size > 1 else "")
                 raise ValueError(f"trainer.world_size ({self.trainer.world_size}) must be a multiple of "
-                                 f"trainer.megatron.tensor_parallel_size ({m.tensor_parallel_size})")
+                                 f"trainer.megatron.tensor_parallel_size ({m.tensor_parallel_size}){pp}; "
+                                 "change trainer.world_size or the parallel sizes")
         e = self.engine
         if e.weight_sync == "tensor" and (e.kind != "sglang" or self.ray.placement != "colocated"):
             raise ValueError("engine.weight_sync: 'tensor' hands CUDA IPC handles to colocated SGLang engines; "

@@ -291,8 +291,8 @@ class MegatronBackend:
         self.tp = trainer_cfg.megatron.tensor_parallel_size
         self.pp = trainer_cfg.megatron.pipeline_parallel_size
         if world_size % (self.tp * self.pp):
-            raise ValueError(f"trainer.world_size={world_size} is not a multiple of "
-                             f"trainer.megatron.tensor_parallel_size x pipeline_parallel_size={self.tp * self.pp}")
+            raise ValueError(f"trainer.world_size={world_size} is not a multiple of trainer.megatron."
+                             f"tensor_parallel_size x pipeline_parallel_size ({self.tp} x {self.pp})")
         self.global_step = 0
 
         self.te = use_transformer_engine(trainer_cfg.megatron.transformer_engine)

@@ -464,6 +464,22 @@ def test_bad_megatron_settings_are_config_errors(tiny, tmp_path):
         load_config(None, ["trainer.backend=megatron", "trainer.megatron.context_parallel_size=2"])
     with pytest.raises(ConfigError, match=r"trainer.world_size \(3\) must be a multiple of trainer.megatron.tensor_parallel_size \(2\)"):
         load_config(None, ["trainer.backend=megatron", "trainer.world_size=3", "trainer.megatron.tensor_parallel_size=2"])
+    # Pipeline: one replica is tp x pp ranks (here 2 x 2 = 4, and 6 is not a multiple of it).
+    with pytest.raises(ConfigError, match=r"trainer.world_size \(6\) must be a multiple of trainer.megatron.tensor_parallel_size "
+                                          r"\(2\) x trainer.megatron.pipeline_parallel_size \(2\) = 4"):
+        load_config(None, ["trainer.backend=megatron", "trainer.world_size=6", "trainer.megatron.tensor_parallel_size=2",
+                           "trainer.megatron.pipeline_parallel_size=2"])
+    cfg = load_config(None, ["trainer.backend=megatron", "trainer.world_size=8", "trainer.megatron.tensor_parallel_size=2",
+                             "trainer.megatron.pipeline_parallel_size=2"])
+    assert cfg.trainer.megatron.pipeline_parallel_size == 2  # TP 2 x PP 2 x DP 2: accepted
+    # The tiny Llama has 2 layers: 3 stages cannot split them (before any process group starts).
+    with pytest.raises(ValueError, match=r"trainer.megatron.pipeline_parallel_size=3 does not divide the model's "
+                                         r"num_hidden_layers \(2\)"):
+        MegatronBackend("policy", tiny, TrainerConfig(backend="megatron", world_size=3,
+                                                      megatron={"pipeline_parallel_size": 3}), rank=0, world_size=3)
+    with pytest.raises(ValueError, match=r"trainer.world_size=3 is not a multiple of .* \(1 x 2\)"):
+        MegatronBackend("policy", tiny, TrainerConfig(backend="megatron", world_size=3,
+                                                      megatron={"pipeline_parallel_size": 2}), rank=0, world_size=3)
     # The tiny Llama has 2 KV heads: TP 4 cannot split them.
     with pytest.raises(ConfigError, match="tensor_parallel_size=4 does not divide the model's num_key_value_heads"):
         check_megatron_available(str(tiny), 4)

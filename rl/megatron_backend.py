@@ -1,4 +1,4 @@
-"""The Megatron-core ``TrainerBackend``: one rank of a tensor-parallel policy, critic or reference.
+"""The Megatron-core ``TrainerBackend``: one rank of a tensor- and pipeline-parallel policy, critic or reference.
 
 It implements ``rl.backend.TrainerBackend`` (read its conventions first) on megatron-core's
 ``GPTModel`` built from an HF config (Llama, Mistral, Qwen2 with its qkv bias, Qwen3 with its
@@ -8,12 +8,29 @@ DeepSpeed backend: same samples in, same per-token outputs, same ``loss_fn`` out
 
 Parallelism
 -----------
-``world_size`` ranks = ``tensor_parallel_size`` x data-parallel. Megatron's rank order puts the
-TP ranks of one model replica next to each other (global rank ``r`` has TP rank ``r % tp`` and
-DP rank ``r // tp``); the ranks of one TP group see the same samples (``rl.trainer_actor``
-shards by DP rank), their outputs are identical and only TP rank 0 of each replica reports.
-Pipeline and context parallel are not in this version: their sizes are config keys that
-``relayrl.config`` rejects above 1 with a message, rather than silently ignoring them.
+``world_size`` ranks = ``tensor_parallel_size`` x data-parallel x ``pipeline_parallel_size``, in
+megatron-core's rank order (``tp-cp-ep-dp-pp``, TP fastest): global rank ``r`` has TP rank
+``r % tp``, DP rank ``(r // tp) % dp`` (``replica_of``) and pipeline stage ``r // (tp dp)``. All
+ranks of one replica (its TP ranks on every stage) are handed the same samples, return the same
+outputs, and only TP rank 0 of the first stage (the replica's lowest rank) reports. At PP = 1 a
+replica's DP rank is ``r // tp``, as ``rl.trainer_actor`` shards; with stages the driver must shard
+by ``replica_of``, and the backend checks that a replica's stages hold the same samples.
+
+Pipeline parallel: stage ``p`` builds layers ``p L/pp .. (p+1) L/pp - 1`` (``L`` divisible by
+``pp``; ``rl.megatron_convert`` maps them with the stage's offset), the first stage also the
+embedding, the last the final norm and the output layer (or value head). Micro-batches go
+through megatron-core's non-interleaved 1F1B schedule (``get_forward_backward_func``), the
+activations and their gradients sent point to point between stages (NCCL on GPUs, gloo in the
+CPU tests) with ``variable_seq_lengths`` (micro-batches differ in shape). Every stage collates
+the same micro-batches (it needs the mask); ``loss_fn`` runs on the last stage, and the per-token
+outputs or metrics are broadcast from there to the whole pipeline group. A tied model's last
+stage holds its own copy of the embedding (megatron-core's layout): the two copies' gradients
+are summed over the embedding group each step, so they stay equal. Exports and
+``state_dict_for_engine`` gather every stage (and TP rank) into the whole model; ``save`` writes
+each rank's stage shard and ``load`` reads it back. PP=2 is tested equal to PP=1.
+
+Context parallel is not in this version: its size is a config key that ``relayrl.config``
+rejects above 1 with a message, rather than silently ignoring it.
 
 Gradients
 ---------
@@ -21,7 +38,8 @@ As in ``rl.backend``: the loss is normalised for the whole minibatch, so gradien
 over micro-batches (plain accumulation in ``.grad``) and over DP ranks (one all-reduce SUM over
 the DP group per step). TP-sharded weights hold disjoint slices; replicated ones (norms, the
 value head) get identical gradients on every TP rank. The global gradient norm counts each
-sharded slice once per TP rank and each replicated weight once.
+sharded slice once per TP rank and each replicated weight once, summed over the pipeline stages
+(a tied embedding's last-stage copy, megatron's ``shared`` weight, is not counted twice).
 
 Sequences
 ---------
@@ -42,9 +60,10 @@ is tested equal to TP=1.
 
 Devices
 -------
-On GPUs it runs megatron-core unmodified (NCCL). On a CPU, megatron-core needs two shims
-(``tests/support/megatron_cpu.py``) that relayrl does not ship in its product path; without
-them this backend refuses to start with a message saying so.
+On GPUs it runs megatron-core unmodified (NCCL). On a CPU, megatron-core needs shims
+(``tests/support/megatron_cpu.py``: CUDA device and RNG calls in the model, and in the pipeline
+schedule and its p2p communicator) that relayrl does not ship in its product path; without them
+this backend refuses to start with a message saying so.
 """
 
 from __future__ import annotations
@@ -461,7 +480,22 @@ class MegatronBackend:
         mf = m.to(logprobs.dtype)
         return {"logprobs": logprobs * mf, "entropy": entropy * mf}
 
+    def _check_same_samples(self, samples: list[Sample]) -> None:
+        """Raise if the stages of this replica were handed different samples (each stage would
+        plan its own micro-batches and the pipeline's sends would not match)."""
+        lengths = [int(s["tokens"].shape[0]) for s in samples]
+        mine = torch.tensor([len(samples), sum(lengths), sum(int(s["tokens"].sum()) for s in samples)],
+                            dtype=torch.int64, device=self.device)
+        low, high = mine.clone(), mine.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.pp_group)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.pp_group)
+        if not torch.equal(low, high):
+            raise ValueError("the pipeline stages of one replica got different samples; give every rank of a "
+                             "replica the same shard (megatron_backend.replica_of(rank, world_size, tp, pp))")
+
     def _forward_each(self, samples: list[Sample], key: str, temperature: float) -> list[torch.Tensor]:
+        if self.pp > 1:
+            self._check_same_samples(samples)
         plan = self._plan(samples) if samples else []
         out: list[torch.Tensor | None] = [None] * len(samples)
         self.model.eval()
@@ -543,6 +577,8 @@ class MegatronBackend:
         """One optimizer step over this rank's ``samples`` (its DP shard), as ``DeepSpeedBackend.train_step``."""
         if self.role == "reference":
             raise ValueError("train_step: the reference model is frozen")
+        if self.pp > 1:
+            self._check_same_samples(samples)
         plan = self._plan(samples) if samples else []
         if distributed.all_reduce_max(len(plan)) == 0:
             raise ValueError("train_step: no samples on any rank")

@@ -3,6 +3,7 @@
 Invariances: on the same tiny Llama weights and batch, DeepSpeed and Megatron give the same
 per-token log-probabilities, PPO loss and gradients, and the same weights after one step; packed
 micro-batches == padded ones; micro-batch 1 x 4 == 4 x 1; TP=2 (two gloo processes) == TP=1;
+PP=2 (two gloo processes, megatron-core's 1F1B schedule) == PP=1 for policy and critic;
 Qwen2 (qkv bias) and Qwen3 (qk-norm) forwards equal HF's; the critic equals DeepSpeed's critic;
 save/load continues bit-identically. Update tolerance as in ``test_deepspeed_backend``: AdamW's
 first step with eps=1e-3 moves a weight by lr * g / (|g| + eps), Lipschitz in g with constant
@@ -374,7 +375,8 @@ def test_two_pipeline_stages_equal_one(tiny, tmp_path):
     """PP=2 (two gloo processes, one layer per stage, the tied embedding's copy on the last
     stage) against PP=1 in this process, for a policy (PPO loss) and a critic (value loss):
     the per-token outputs, the metrics of two steps, the weights after each; a checkpoint saved
-    after step 1 and loaded into a fresh pipeline continues bit for bit. Tolerances as above."""
+    after step 1 and loaded into a fresh pipeline continues bit for bit; stages handed different
+    samples refuse to run. Tolerances as above."""
     from functools import partial
 
     from support.megatron_tp import run_pipeline_rank
@@ -415,6 +417,7 @@ def test_two_pipeline_stages_equal_one(tiny, tmp_path):
                 for key in theirs:
                     assert mine[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-7), (job["name"], key)
             assert r["step2_resumed"] == r["step2"]  # resumed from the step-1 checkpoint, bit for bit
+            assert "the pipeline stages of one replica got different samples" in r["mismatch"]
         for mine, theirs in ((got["weights1"], w1), (got["weights2"], w2)):
             assert sorted(mine) == sorted(theirs)
             for k in theirs:

@@ -65,7 +65,8 @@ def run_pipeline_rank(rank: int, world_size: int, port: int, out_dir: str, jobs:
     factory, e.g. a ``functools.partial`` of ``rl.ppo.make_policy_loss_fn``). Per job this rank
     builds the backend, computes its per-token outputs (log-probabilities or values), takes one
     step, saves, takes a second step; then a fresh backend loads the checkpoint and takes the
-    second step again. Global rank 0 writes, per job, every rank's results and the gathered HF
+    second step again; last, each stage is handed a different shard (``mismatch``: the error).
+    Global rank 0 writes, per job, every rank's results and the gathered HF
     weights after each step to ``out_dir/pipeline.pt``.
     """
     from support.megatron_cpu import install
@@ -103,6 +104,11 @@ def run_pipeline_rank(rank: int, world_size: int, port: int, out_dir: str, jobs:
         resumed.load(ckpt)
         mine["step2_resumed"] = resumed.train_step(job["samples"], job["loss_fn"]())
         w2_resumed = resumed.state_dict_for_engine()
+        try:  # the stages handed different shards (as a driver unaware of PP would): refused
+            forward(job["samples"][rank:])
+            mine["mismatch"] = None
+        except ValueError as e:
+            mine["mismatch"] = str(e)
         everyone = [None] * world_size
         dist.all_gather_object(everyone, mine)
         out[job["name"]] = {"ranks": everyone, "weights1": w1, "weights2": w2, "weights2_resumed": w2_resumed}

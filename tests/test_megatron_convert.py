@@ -87,6 +87,25 @@ def test_round_trip_through_pipeline_stages_is_exact(name, tp):
     assert torch.equal(last["output_layer.weight"], expected_out)
 
 
+@pytest.mark.parametrize("pp", [2, 4])
+def test_four_layers_over_stages(pp):
+    """Four layers: PP 2 gives two a stage, PP 4 one, and its middle stages hold only layers."""
+    config = LlamaConfig(**(SMALL | {"num_hidden_layers": 4}), tie_word_embeddings=True)
+    spec = arch_from_hf_config(config)
+    hf = random_hf_state(config)
+    stages = [[hf_to_megatron(hf, spec, pp_size=pp, pp_rank=p)] for p in range(pp)]
+    per = 4 // pp
+    for p, (stage,) in enumerate(stages):
+        layer_keys = {k for k in stage if k.startswith("decoder.layers.")}
+        assert {int(k.split(".")[2]) for k in layer_keys} == set(range(per))
+        assert len(stage) - len(layer_keys) == {0: 1, pp - 1: 2}.get(p, 0)  # embedding; final norm + output
+        # Stage p's layer j is HF layer p * per + j.
+        assert torch.equal(stage["decoder.layers.0.pre_mlp_layernorm.weight"],
+                           hf[f"model.layers.{p * per}.post_attention_layernorm.weight"])
+    back = megatron_to_hf(stages, spec)
+    assert sorted(back) == sorted(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+
+
 def test_critic_through_pipeline_stages():
     spec = arch_from_hf_config(CONFIGS["llama_tied"])
     hf = {k: v for k, v in random_hf_state(CONFIGS["llama_tied"]).items() if k != "lm_head.weight"}

@@ -17,8 +17,8 @@ megatron-core assumes CUDA in these places that the CPU tests reach:
    model's last stage moves its embedding copy with ``weight.data.cuda()`` before the
    all-reduce that copies the first stage's values into it. The shim gives the schedule module
    a ``torch`` whose ``zeros`` puts ``"cuda"`` tensors on the CPU, makes ``synchronize`` a no-op
-   (gloo's sends have completed when their requests are waited on) and ``Tensor.cuda`` return
-   the tensor itself.
+   (gloo's sends have completed when their requests are waited on) and, while a model sets up
+   its embedding and output layer, ``Tensor.cuda`` return the tensor itself.
 
 Nothing here is imported by relayrl itself: the product path (``rl/megatron_backend.py``)
 runs megatron-core unmodified on GPUs. ``install()`` is idempotent and process-wide, which is
@@ -77,7 +77,20 @@ def install() -> None:
 
     schedules.torch = _TorchWithCpuForCuda()
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_on_cpu(self):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *args, **kwargs: t  # type: ignore[assignment]
+        try:
+            setup(self)
+        finally:
+            torch.Tensor.cuda = cuda  # type: ignore[assignment]
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
     _installed = True
 
 

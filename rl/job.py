@@ -82,9 +82,10 @@ def rollout_metrics(groups: list[list[Trajectory]], subs: list[SubTrace]) -> dic
     return out
 
 
-def check_megatron_available(model_path: str | None = None, tp: int = 1) -> None:
+def check_megatron_available(model_path: str | None = None, tp: int = 1, pp: int = 1) -> None:
     """trainer.backend=megatron: megatron-core installed, a device it can run on, and a model
-    it converts at this tensor-parallel size; or a ConfigError naming the key."""
+    it converts at this tensor-parallel size and splits into this many pipeline stages; or a
+    ConfigError naming the key."""
     import importlib.util
 
     if importlib.util.find_spec("megatron.core") is None:
@@ -99,7 +100,7 @@ def check_megatron_available(model_path: str | None = None, tp: int = 1) -> None
     if model_path is not None:
         from transformers import AutoConfig
 
-        from .megatron_convert import UnsupportedModel, arch_from_hf_config, check_tp
+        from .megatron_convert import UnsupportedModel, arch_from_hf_config, check_pp, check_tp
 
         try:
             spec = arch_from_hf_config(AutoConfig.from_pretrained(model_path))
@@ -108,6 +109,7 @@ def check_megatron_available(model_path: str | None = None, tp: int = 1) -> None
                               "Use trainer.backend=deepspeed for it.") from None
         try:
             check_tp(spec, tp)
+            check_pp(spec, pp)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -246,7 +248,8 @@ class Job:
                 raise ConfigError("engine.router: the sglang-router binary is not installed; install it with "
                                   "pip install -c constraints.txt 'relayrl[sglang]' or set engine.router=false")
         if self.cfg.trainer.backend == "megatron":
-            check_megatron_available(self.model_path, self.cfg.trainer.megatron.tensor_parallel_size)
+            m = self.cfg.trainer.megatron
+            check_megatron_available(self.model_path, m.tensor_parallel_size, m.pipeline_parallel_size)
 
     def _start_ray(self) -> None:
         if ray.is_initialized():

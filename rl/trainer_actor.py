@@ -70,10 +70,15 @@ def make_backend(role: Role, model_path: str, trainer_cfg: TrainerConfig, optim_
 
 
 def data_parallel_ranks(world_size: int, trainer_cfg: TrainerConfig) -> list[int]:
-    """Per global rank, the data shard it trains on. Tensor-parallel peers (megatron: adjacent
-    ranks, TP fastest in megatron's rank order) share one shard; DeepSpeed ranks each get one."""
-    tp = trainer_cfg.megatron.tensor_parallel_size if trainer_cfg.backend == "megatron" else 1
-    return [r // tp for r in range(world_size)]
+    """Per global rank, the data shard it trains on. DeepSpeed ranks each get one. Megatron: the
+    tensor-parallel ranks and pipeline stages of one model replica share its shard; in
+    megatron-core's rank order (TP fastest, then data parallel, the stage slowest) rank ``r`` is
+    in replica ``(r // tp) % dp`` (``rl.megatron_backend.replica_of``)."""
+    if trainer_cfg.backend != "megatron":
+        return list(range(world_size))
+    tp, pp = trainer_cfg.megatron.tensor_parallel_size, trainer_cfg.megatron.pipeline_parallel_size
+    dp = world_size // (tp * pp)
+    return [(r // tp) % dp for r in range(world_size)]
 
 
 @ray.remote
@@ -226,12 +231,18 @@ class TrainerGroup:
 
     def _shards(self, samples: list[Sample]) -> list[list[int]]:
         """Per global rank, the indices of its samples (TP peers get the same shard)."""
-        per_dp = shard_by_tokens([int(s["tokens"].shape[0]) for s in samples], self.dp_ranks[-1] + 1)
+        per_dp = shard_by_tokens([int(s["tokens"].shape[0]) for s in samples], max(self.dp_ranks) + 1)
         return [per_dp[d] for d in self.dp_ranks]
 
     def _reporting(self) -> list[bool]:
-        """Whether a rank's results count: the first rank of each data shard."""
-        return [r == 0 or self.dp_ranks[r] != self.dp_ranks[r - 1] for r in range(self.world_size)]
+        """Whether a rank's results count: the first rank of each data shard (with megatron, TP
+        rank 0 of the first pipeline stage; every rank of a replica returns the same results)."""
+        seen: set[int] = set()
+        out = []
+        for shard in self.dp_ranks:
+            out.append(shard not in seen)
+            seen.add(shard)
+        return out
 
     def _gather_per_sample(self, samples: list[Sample], method: str, *args: Any) -> list[torch.Tensor]:
         shards = self._shards(samples)

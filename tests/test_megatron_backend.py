@@ -432,15 +432,37 @@ def test_two_pipeline_stages_equal_one(tiny, tmp_path):
         assert all(torch.equal(exported[k], got["weights2"][k]) for k in exported)
 
 
-def test_replica_of_is_the_trainer_groups_shard_without_pipeline():
+def test_replica_of_is_the_trainer_groups_shard():
     from relayrl.rl.megatron_backend import replica_of
     from relayrl.rl.trainer_actor import data_parallel_ranks
 
-    for world, tp in ((4, 1), (4, 2), (8, 2), (8, 4)):
-        tc = TrainerConfig(backend="megatron", world_size=world, megatron={"tensor_parallel_size": tp})
-        assert [replica_of(r, world, tp, 1) for r in range(world)] == data_parallel_ranks(world, tc)
+    for world, tp, pp in ((4, 1, 1), (4, 2, 1), (8, 2, 1), (8, 4, 1), (2, 1, 2), (4, 1, 2), (8, 2, 2), (8, 1, 4)):
+        tc = TrainerConfig(backend="megatron", world_size=world,
+                           megatron={"tensor_parallel_size": tp, "pipeline_parallel_size": pp})
+        assert [replica_of(r, world, tp, pp) for r in range(world)] == data_parallel_ranks(world, tc)
     # TP 2 x DP 2 x PP 2 in megatron's order: ranks 0-3 are stage 0, 4-7 stage 1; TP pairs adjacent.
     assert [replica_of(r, 8, 2, 2) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert data_parallel_ranks(4, TrainerConfig(backend="deepspeed", world_size=4)) == [0, 1, 2, 3]
+
+
+def test_the_trainer_group_counts_each_replica_once():
+    """TrainerGroup's reporting ranks: the first of each data shard (TP rank 0 of the first
+    stage), whatever the layout; built without Ray (its actors are not needed for the plan)."""
+    from relayrl.rl.trainer_actor import TrainerGroup, data_parallel_ranks
+
+    for world, tp, pp, want in ((2, 1, 2, [True, False]), (4, 1, 2, [True, True, False, False]),
+                                (8, 2, 2, [True, False, True, False, False, False, False, False]),
+                                (4, 2, 1, [True, False, True, False])):
+        group = TrainerGroup.__new__(TrainerGroup)
+        group.world_size = world
+        group.dp_ranks = data_parallel_ranks(world, TrainerConfig(
+            backend="megatron", world_size=world, megatron={"tensor_parallel_size": tp, "pipeline_parallel_size": pp}))
+        assert group._reporting() == want
+        shards = group._shards([{"tokens": torch.zeros(n)} for n in (5, 3, 4, 2)])
+        # Every rank of a replica holds its replica's samples; the replicas split all of them.
+        assert all(shards[r] == shards[[i for i, d in enumerate(group.dp_ranks) if d == group.dp_ranks[r]][0]]
+                   for r in range(world))
+        assert sorted(i for r, rep in enumerate(group._reporting()) if rep for i in shards[r]) == [0, 1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- without the shims
@@ -492,3 +514,6 @@ def test_bad_megatron_settings_are_config_errors(tiny, tmp_path):
     with pytest.raises(ConfigError, match="model.path: the megatron backend cannot convert .*model_type 'gpt2'"):
         check_megatron_available(str(tmp_path / "gpt2"), 1)
     check_megatron_available(str(tiny), 2)  # fits: no error
+    with pytest.raises(ConfigError, match=r"pipeline_parallel_size=3 does not divide the model's num_hidden_layers \(2\)"):
+        check_megatron_available(str(tiny), 1, 3)  # at start-up, before any trainer starts
+    check_megatron_available(str(tiny), 1, 2)

@@ -5,13 +5,13 @@
 shown "say w2", as in ``toy_echo``; on a *hidden* turn (about half) it is told only to call a
 sub-agent ("say call"), and the word is in the start a sub-agent gets (``subagent_reset``: "say
 w2"), as a retrieval tool or a file would hold it in a real task. The reward is the fraction of
-turns answered right (first word).
+turns answered right (first word); a hidden turn counts only if a sub-agent was called on it
+(the word cannot be known otherwise, so a lucky guess is not credited).
 
-On hidden turns no policy without a sub-agent beats chance (1/4). With one, a hidden turn takes
-three steps, each the skill the direct turns teach ("repeat the word you are shown"): the parent
-follows "say call" (``DelegateParser`` reads a reply that starts with one of a few words,
-``call`` among them, as ``spawn_subagent``), the child, shown "say w2", repeats "w2" (its reply
-is its answer, ``FinalAnswerParser``), and the answer comes back as "say w2"
+A hidden turn takes three steps, each the skill the direct turns teach ("repeat the word you
+are shown"): the parent follows "say call" (``DelegateParser`` reads a reply whose first word
+is ``call`` as ``spawn_subagent``), the child, shown "say w2", repeats "w2" (its reply is its
+answer, ``FinalAnswerParser``), and the answer comes back as "say w2"
 (``render_subagent_answer``) for the parent to repeat. All three must be right for the turn to
 score, and the child's tokens get their credit only through the parent's value where its answer
 returns (``rl/batching.py``). The task tells the agent to delegate rather than leaving it to be
@@ -19,6 +19,16 @@ discovered: a tiny model's random replies rarely delegate, and one that has lear
 never does, so RL alone would not find it (seen: 30 steps with an untold hidden turn stayed at
 chance). ``score`` reports ``hidden_turns``, ``hidden_correct`` and ``hidden_delegated`` so the
 hidden turns can be read apart.
+
+Three choices make it learnable by a tiny model in a few minutes, each found by a run that was
+not (``tests/test_subagent_e2e.py`` has the numbers): only the word a hidden turn says
+delegates (with four common words, a random policy delegated one reply in six and the parent's
+replies were mostly noise); a guess on a hidden turn scores nothing (else "always say w0" is
+right on a quarter of all turns and beats a three-step chain that pays only once learned); and
+a sub-agent starts under its own system prompt (``subagent_system_prompt``). Without that its
+context is exactly a parent's on a direct turn, where "call" is also a fine reply (the child is
+shown the same word): one policy is then asked for "call" and for "w2" in one context, the
+children learn "call" too, and every call returns "say call ..." and calls again.
 """
 
 from __future__ import annotations
@@ -41,19 +51,26 @@ class ToyDelegateEnv:
 
     Args:
         num_turns: turns per episode.
-        system_prompt: the main agent's (and the sub-agents') system message.
+        system_prompt: the main agent's system message.
+        num_words: the words ``w0..`` the default tasks draw from (when the tasks come from
+            ``default_tasks``, which takes the same env.kwargs).
+        hidden_fraction: likewise, the probability that a turn is hidden.
+        subagent_system_prompt: a sub-agent's system message (its words must differ from
+            ``system_prompt``'s, see the module docstring).
     """
 
     DEFAULT_SYSTEM = "repeat the word"
+    DEFAULT_SUBAGENT_SYSTEM = "answer with the word"
 
     def __init__(self, num_turns: int = 3, system_prompt: str | None = None, num_words: int = 4,
-                 hidden_fraction: float = 0.5) -> None:
+                 hidden_fraction: float = 0.5, subagent_system_prompt: str | None = None) -> None:
         if num_turns < 1:
             raise ValueError("num_turns must be >= 1")
         if num_words < 1 or not 0.0 <= hidden_fraction <= 1.0:
             raise ValueError("num_words must be >= 1 and hidden_fraction in [0, 1]")
         self.num_turns = num_turns
         self.system_prompt = system_prompt or self.DEFAULT_SYSTEM
+        self.subagent_system_prompt = subagent_system_prompt or self.DEFAULT_SUBAGENT_SYSTEM
         self._targets: list[str] = []
         self._hidden: list[bool] = []
         self._delegated: list[bool] = []
@@ -87,7 +104,7 @@ class ToyDelegateEnv:
         """A sub-agent's start: it is shown this turn's word (and has no tools: its reply is its
         answer)."""
         self._delegated[self._turn] = True
-        return Reset(messages=[{"role": "system", "content": self.system_prompt},
+        return Reset(messages=[{"role": "system", "content": self.subagent_system_prompt},
                                {"role": "user", "content": f"say {self._targets[self._turn]}"}], tools=[])
 
     def render_subagent_answer(self, answer: str) -> str:
@@ -96,7 +113,9 @@ class ToyDelegateEnv:
 
     async def step(self, call: ToolCall) -> StepResult:
         words = str(call.arguments.get("text", "")).split() if call.name == "answer" else []
-        if words and words[0] == self._targets[self._turn]:
+        right = bool(words) and words[0] == self._targets[self._turn]
+        # A hidden turn's word can only be known from a sub-agent: a guess is not credited.
+        if right and (self._delegated[self._turn] or not self._hidden[self._turn]):
             self._correct += 1
             self._hidden_correct += self._hidden[self._turn]
         self._turn += 1
@@ -114,18 +133,19 @@ class ToyDelegateEnv:
         return None
 
 
-DELEGATE_WORDS = ("call", "tool", "with", "a")
+DELEGATE_WORD = "call"
 
 
 @parsers.register("toy_delegate")
 class DelegateParser:
-    """A reply whose first word is one of ``DELEGATE_WORDS`` starts a sub-agent (the reply is
-    its task); any other reply is the ``answer`` tool's text. (Four words of a tiny model's
-    vocabulary of about twenty: a random policy delegates about one reply in six.)"""
+    """A reply whose first word is ``call`` starts a sub-agent (the reply is its task); any
+    other reply is the ``answer`` tool's text. One word of a tiny model's vocabulary of about
+    twenty, the word a hidden turn says: following "say call" is how to delegate, and a random
+    policy delegates about one reply in twenty."""
 
     def parse(self, text: str) -> ToolCall:
         words = text.split()
-        if words and words[0] in DELEGATE_WORDS:
+        if words and words[0] == DELEGATE_WORD:
             return ToolCall("spawn_subagent", {"task": text.strip()}, raw=text)
         return ToolCall("answer", {"text": text.strip()}, raw=text)
 

@@ -77,7 +77,7 @@ def test_the_child_is_a_sub_trace_with_a_parent_link(parts, spawning):
             parent = subs[c.parent_segment]
             assert parent.kind == "turns" and 0 < c.parent_position <= len(parent.tokens)
             # The child's start: the env's sub-agent messages (it is shown one of the task's words).
-            prompts = [chat.prompt_ids([{"role": "system", "content": "repeat the word"},
+            prompts = [chat.prompt_ids([{"role": "system", "content": ToyDelegateEnv.DEFAULT_SUBAGENT_SYSTEM},
                                         {"role": "user", "content": f"say {w}"}], None)
                        for w in TASKS[subs[-1].task_index % len(TASKS)]["targets"]]
             first = c.loss_mask.index(1)
@@ -177,3 +177,28 @@ def test_env_kwargs_shape_the_built_in_tasks():
     assert all(all(t["hidden"]) and len(t["targets"]) == 3 for t in every)
     with pytest.raises(ValueError, match="hidden_fraction"):
         ToyDelegateEnv(hidden_fraction=1.5)
+
+
+def test_the_env_credits_a_hidden_turn_only_through_a_sub_agent():
+    """By hand, one episode of three turns (hidden, direct, hidden): the first hidden turn is
+    answered right after a sub-agent was called, the direct one right, the second hidden one
+    right by a guess: 2 of 3 count. Only a reply starting with "call" delegates."""
+    env = ToyDelegateEnv(num_turns=3)
+    task = {"id": "t", "targets": ["w1", "w2", "w3"], "hidden": [True, False, True]}
+
+    async def go():
+        first = await env.reset(task)
+        assert first.messages[-1]["content"] == "say call"
+        child = await env.subagent_reset("call")  # the parent called on turn 0
+        assert child.messages == [{"role": "system", "content": "answer with the word"},
+                                  {"role": "user", "content": "say w1"}] and child.tools == []
+        assert env.render_subagent_answer("w1") == "say w1"
+        steps = [await env.step(ToolCall("answer", {"text": w})) for w in ("w1 x", "w2", "w3")]
+        return steps, await env.score()
+    steps, score = asyncio.run(go())
+    assert [s.observation for s in steps] == ["say w2", "say call", ""] and steps[-1].done
+    assert score.reward == pytest.approx(2 / 3)
+    assert score.details == {"correct_turns": 2.0, "hidden_turns": 2.0, "hidden_correct": 1.0, "hidden_delegated": 1.0}
+    parser = DelegateParser()
+    assert parser.parse("call w1") == ToolCall(SPAWN_TOOL_NAME, {"task": "call w1"}, raw="call w1")
+    assert [parser.parse(t).name for t in ("a call", "tool", "with w1", "w1 call", "")] == ["answer"] * 5

@@ -1,8 +1,9 @@
 """Scale-out backends on this machine: weight conversion and weight-sync seconds per GB, and
 train tokens/s of the DeepSpeed and Megatron backends on the same tiny model, side by side.
 
-1. Conversion: HF -> Megatron (TP 1, and every rank of TP 2) and Megatron -> HF of a synthetic
-   Llama state dict (``--hidden``/``--layers``/``--vocab``, fp32), seconds per GB.
+1. Conversion: HF -> Megatron (TP 1, every rank of TP 2, every rank of 2 pipeline stages x TP 2)
+   and Megatron -> HF of a synthetic Llama state dict (``--hidden``/``--layers``/``--vocab``,
+   fp32), seconds per GB.
 2. Weight sync to one CPU engine server (a separate process, ``python -m relayrl.rollout.server``)
    of a Llama of that size: ``disk`` (write safetensors + ``/update_weights_from_disk``: the
    engine reads and copies them) and ``distributed`` (``/update_weights_from_distributed``: a
@@ -61,9 +62,11 @@ def bench_conversion(model_dir: Path, repeat: int) -> None:
     size = gb(hf)
     print(f"\n1. conversion, {size:.3f} GB fp32 ({sum(v.numel() for v in hf.values()) / 1e6:.1f} M params)")
     print(f"   {'direction':<28} {'s':>8} {'s/GB':>8}")
-    for label, fn in [
-        ("HF -> Megatron, TP 1", lambda: [hf_to_megatron(hf, spec, 1, 0)]),
-        ("HF -> Megatron, TP 2 (both)", lambda: [hf_to_megatron(hf, spec, 2, r) for r in range(2)]),
+    for label, back_label, fn in [
+        ("HF -> Megatron, TP 1", "Megatron -> HF, TP 1", lambda: [hf_to_megatron(hf, spec, 1, 0)]),
+        ("HF -> Megatron, TP 2 (both)", "Megatron -> HF, TP 2", lambda: [hf_to_megatron(hf, spec, 2, r) for r in range(2)]),
+        ("HF -> Megatron, PP 2 x TP 2", "Megatron -> HF, PP 2 x TP 2",
+         lambda: [[hf_to_megatron(hf, spec, 2, r, pp_size=2, pp_rank=p) for r in range(2)] for p in range(2)]),
     ]:
         times = []
         for _ in range(repeat):
@@ -79,7 +82,7 @@ def bench_conversion(model_dir: Path, repeat: int) -> None:
             times.append(time.perf_counter() - t0)
         t = min(times)
         exact = all(torch.equal(back[k], hf[k]) for k in hf)
-        print(f"   {'Megatron -> HF, TP ' + str(len(shards)):<28} {t:8.3f} {t / size:8.3f}   round trip exact: {exact}")
+        print(f"   {back_label:<28} {t:8.3f} {t / size:8.3f}   round trip exact: {exact}")
 
 
 def bench_sync(model_dir: Path, bucket_mb: int, threads: int) -> None:

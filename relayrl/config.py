@@ -373,7 +373,11 @@ class MegatronConfig(_Section):
     first also the embedding, the last the final norm and head), micro-batches flowing through
     them in megatron-core's 1F1B schedule. Must divide the model's num_hidden_layers."""
     context_parallel_size: int = Field(1, ge=1)
-    """Context-parallel ranks. Only 1 in this version (not implemented)."""
+    """Context-parallel ranks per model replica: each sequence is cut into 2 x this many chunks
+    and every CP rank holds two of them (megatron-core's causal load balance), its attention
+    exchanging keys and values with the others. Needs Transformer Engine on CUDA GPUs
+    (``transformer_engine`` auto or true); trainer.world_size must be a multiple of
+    tensor_parallel_size x pipeline_parallel_size x this."""
     pack_sequences: bool = False
     """Pack a micro-batch's sub-traces into one row, no token attending across two of them,
     instead of right-padding each to the longest. With Transformer Engine: THD packing
@@ -548,17 +552,24 @@ class Config(_Section):
             raise ValueError("blackbox.enabled: in black-box mode the harness manages its own context and "
                              "sub-agents; set compaction.enabled=false and subagents.enabled=false")
         m = self.trainer.megatron
+        if m.context_parallel_size > 1 and self.trainer.backend != "megatron":
+            raise ValueError(f"trainer.megatron.context_parallel_size ({m.context_parallel_size}): context parallel "
+                             f"is a megatron backend feature, trainer.backend is {self.trainer.backend}; set "
+                             "trainer.backend=megatron or trainer.megatron.context_parallel_size=1")
         if self.trainer.backend == "megatron":
-            if m.context_parallel_size != 1:
-                raise ValueError("trainer.megatron.context_parallel_size: only 1 is supported in this version "
-                                 "(context parallel is not implemented); scale with tensor_parallel_size, "
-                                 "pipeline_parallel_size and trainer.world_size")
-            replica = m.tensor_parallel_size * m.pipeline_parallel_size
+            if m.context_parallel_size > 1 and m.transformer_engine is False:
+                raise ValueError(f"trainer.megatron.context_parallel_size ({m.context_parallel_size}): context "
+                                 "parallel runs only in Transformer Engine's attention (megatron-core's local "
+                                 "layer spec has none); set trainer.megatron.transformer_engine to auto or true, "
+                                 "or context_parallel_size=1")
+            replica = m.tensor_parallel_size * m.pipeline_parallel_size * m.context_parallel_size
             if self.trainer.world_size % replica:
-                pp = (f" x trainer.megatron.pipeline_parallel_size ({m.pipeline_parallel_size}) = {replica}, "
-                      "the ranks of one model replica" if m.pipeline_parallel_size > 1 else "")
+                factors = [f"trainer.megatron.{k} ({v})" for k, v in (
+                    ("pipeline_parallel_size", m.pipeline_parallel_size),
+                    ("context_parallel_size", m.context_parallel_size)) if v > 1]
+                more = (f" x {' x '.join(factors)} = {replica}, the ranks of one model replica" if factors else "")
                 raise ValueError(f"trainer.world_size ({self.trainer.world_size}) must be a multiple of "
-                                 f"trainer.megatron.tensor_parallel_size ({m.tensor_parallel_size}){pp}; "
+                                 f"trainer.megatron.tensor_parallel_size ({m.tensor_parallel_size}){more}; "
                                  "change trainer.world_size or the parallel sizes")
         e = self.engine
         if e.weight_sync == "tensor" and (e.kind != "sglang" or self.ray.placement != "colocated"):

@@ -82,15 +82,23 @@ def rollout_metrics(groups: list[list[Trajectory]], subs: list[SubTrace]) -> dic
     return out
 
 
-def check_megatron_available(model_path: str | None = None, tp: int = 1, pp: int = 1) -> None:
-    """trainer.backend=megatron: megatron-core installed, a device it can run on, and a model
-    it converts at this tensor-parallel size and splits into this many pipeline stages; or a
-    ConfigError naming the key."""
+def check_megatron_available(model_path: str | None = None, tp: int = 1, pp: int = 1, cp: int = 1) -> None:
+    """trainer.backend=megatron: megatron-core installed, a device it can run on (CUDA GPUs with
+    Transformer Engine for context parallel, ``cp`` > 1), and a model it converts at this
+    tensor-parallel size and splits into this many pipeline stages; or a ConfigError naming the key."""
     import importlib.util
 
     if importlib.util.find_spec("megatron.core") is None:
         raise ConfigError("trainer.backend: 'megatron' needs megatron-core; install the extra with "
                           "pip install -c constraints.txt 'relayrl[megatron]' (or use trainer.backend=deepspeed)")
+    if cp > 1:
+        import torch
+
+        if not (torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None):
+            raise ConfigError(f"trainer.megatron.context_parallel_size={cp}: context parallel needs Transformer "
+                              "Engine on CUDA GPUs (megatron-core splits the sequence only in TE's attention), and "
+                              "this machine has no CUDA or no transformer_engine; install transformer_engine on the "
+                              "GPU nodes, or set trainer.megatron.context_parallel_size=1")
     from .megatron_backend import _require_device
 
     try:
@@ -249,7 +257,8 @@ class Job:
                                   "pip install -c constraints.txt 'relayrl[sglang]' or set engine.router=false")
         if self.cfg.trainer.backend == "megatron":
             m = self.cfg.trainer.megatron
-            check_megatron_available(self.model_path, m.tensor_parallel_size, m.pipeline_parallel_size)
+            check_megatron_available(self.model_path, m.tensor_parallel_size, m.pipeline_parallel_size,
+                                     m.context_parallel_size)
 
     def _start_ray(self) -> None:
         if ray.is_initialized():

@@ -1,4 +1,4 @@
-"""The Megatron-core ``TrainerBackend``: one rank of a tensor- and pipeline-parallel policy, critic or reference.
+"""The Megatron-core ``TrainerBackend``: one rank of a tensor-, pipeline- and context-parallel policy, critic or reference.
 
 It implements ``rl.backend.TrainerBackend`` (read its conventions first) on megatron-core's
 ``GPTModel`` built from an HF config (Llama, Mistral, Qwen2 with its qkv bias, Qwen3 with its
@@ -8,13 +8,14 @@ DeepSpeed backend: same samples in, same per-token outputs, same ``loss_fn`` out
 
 Parallelism
 -----------
-``world_size`` ranks = ``tensor_parallel_size`` x data-parallel x ``pipeline_parallel_size``, in
-megatron-core's rank order (``tp-cp-ep-dp-pp``, TP fastest): global rank ``r`` has TP rank
-``r % tp``, DP rank ``(r // tp) % dp`` (``replica_of``) and pipeline stage ``r // (tp dp)``. All
-ranks of one replica (its TP ranks on every stage) are handed the same samples, return the same
-outputs, and only TP rank 0 of the first stage (the replica's lowest rank) reports. At PP = 1 a
-replica's DP rank is ``r // tp``, as ``rl.trainer_actor`` shards; with stages the driver must shard
-by ``replica_of``, and the backend checks that a replica's stages hold the same samples.
+``world_size`` ranks = ``tensor_parallel_size`` x ``context_parallel_size`` x data-parallel x
+``pipeline_parallel_size``, in megatron-core's rank order (``tp-cp-ep-dp-pp``, TP fastest): global
+rank ``r`` has TP rank ``r % tp``, CP rank ``(r // tp) % cp``, DP rank ``(r // (tp cp)) % dp``
+(``replica_of``) and pipeline stage ``r // (tp cp dp)``. All ranks of one replica (its TP and CP
+ranks on every stage) are handed the same samples (``rl.trainer_actor.data_parallel_ranks`` shards
+by the same formula), return the same outputs, and only TP rank 0, CP rank 0 of the first stage
+(the replica's lowest rank) reports; the backend checks that a replica's stages and CP ranks hold
+the same samples.
 
 Pipeline parallel: stage ``p`` builds layers ``p L/pp .. (p+1) L/pp - 1`` (``L`` divisible by
 ``pp``; ``rl.megatron_convert`` maps them with the stage's offset), the first stage also the
@@ -29,8 +30,24 @@ are summed over the embedding group each step, so they stay equal. Exports and
 ``state_dict_for_engine`` gather every stage (and TP rank) into the whole model; ``save`` writes
 each rank's stage shard and ``load`` reads it back. PP=2 is tested equal to PP=1.
 
-Context parallel is not in this version: its size is a config key that ``relayrl.config``
-rejects above 1 with a message, rather than silently ignoring it.
+Context parallel (``context_parallel_size`` = cp > 1; Transformer Engine's layer spec only, as
+megatron-core implements it only in TE's attention): every micro-batch is laid out as megatron
+does (``CPLayout``): each sequence (a right-padded row, or with ``pack_sequences`` each
+sub-trace, THD) padded to a multiple of 2 cp and cut into 2 cp chunks, CP rank i keeping chunks i
+and 2cp-1-i so that causal attention costs every rank the same. TE's attention exchanges keys and
+values within the CP group (p2p ring) and megatron's RoPE takes the same chunks of the positions.
+Each rank computes the per-token outputs of its own slots from its own logits (the next token of
+a slot is given explicitly: ``next_token_logprobs_and_entropy``), all-gathers these (n,) vectors
+over the CP group and puts them back in sequence order (``cp_gather``): every CP rank then holds
+the whole micro-batch's outputs and runs ``loss_fn`` unchanged (the minibatch's token
+normalisation as without CP), but the gradient flows only into its own slots (the other ranks'
+values arrive detached), so the CP ranks' parameter gradients are disjoint shares of the whole
+one: they are summed over megatron's DP-with-CP group, after which every CP rank holds the same
+gradient and the norm counts it once. The index arithmetic (pure functions ``cp_positions``,
+``cp_partition_index``, ``cp_restore``, ``CPLayout``) and the gather's gradient (two gloo
+processes) are tested on CPU; the model under CP is not: it needs TE on GPUs, and this was
+written against megatron-core 0.16's API on a machine with neither (not run). Combined with PP it
+follows the same path on the last stage (also not run).
 
 Gradients
 ---------
@@ -78,7 +95,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from relayrl.config import OptimConfig, TrainerConfig
+from relayrl.config import ConfigError, OptimConfig, TrainerConfig
 from relayrl.rl import distributed
 from relayrl.rl.backend import LossFn, MicroBatch, Role, Sample
 from relayrl.rl.deepspeed_backend import (
@@ -147,11 +164,144 @@ def pack_index(lengths: list[int], T: int) -> tuple[torch.Tensor, torch.Tensor]:
     return flat_padded, torch.arange(flat_padded.shape[0])
 
 
-def replica_of(rank: int, world_size: int, tp: int, pp: int) -> int:
+def replica_of(rank: int, world_size: int, tp: int, pp: int, cp: int = 1) -> int:
     """The data-parallel replica (data shard) of global ``rank`` in megatron-core's rank order
-    (``tp-cp-ep-dp-pp``: TP fastest, then DP, the pipeline stage slowest): ``(rank // tp) % dp``
-    with ``dp = world_size / (tp pp)``. All TP ranks and stages of a replica see its samples."""
-    return (rank // tp) % (world_size // (tp * pp))
+    (``tp-cp-ep-dp-pp``: TP fastest, then CP, then DP, the pipeline stage slowest):
+    ``(rank // (tp cp)) % dp`` with ``dp = world_size / (tp cp pp)``. All TP ranks, CP ranks and
+    stages of a replica see its samples."""
+    return (rank // (tp * cp)) % (world_size // (tp * cp * pp))
+
+
+# ----------------------------------------------------------------------------- context parallel
+#
+# Megatron-core's sequence split for context parallel (``get_batch_on_this_cp_rank``, and TE's
+# ``thd_get_partitioned_indices`` for packed sequences): each sequence, its length padded to a
+# multiple of 2 cp, is cut into 2 cp equal chunks and CP rank i keeps chunks i and 2cp-1-i. Under
+# a causal mask the late chunks cost more attention than the early ones; pairing them gives every
+# rank the same work. Notation: ``cp`` ranks, a micro-batch of ``b`` rows of ``T`` (right-padded),
+# the CP layout of ``S`` slots (the sequences end to end, each padded), ``n = S / cp`` slots per rank.
+
+
+def cp_padded_length(n: int, cp: int) -> int:
+    """``n`` rounded up to a multiple of ``2 cp`` (so that it cuts into 2 cp equal chunks)."""
+    return -(-n // (2 * cp)) * (2 * cp)
+
+
+def cp_positions(length: int, cp: int, cp_rank: int) -> torch.Tensor:
+    """The positions of one sequence of ``length`` (a multiple of 2 cp) that CP rank ``cp_rank``
+    keeps: chunks ``cp_rank`` and ``2 cp - 1 - cp_rank`` of 2 cp, in order. (length / cp,) long.
+
+    E.g. length 8, cp 2: rank 0 keeps [0, 1, 6, 7], rank 1 keeps [2, 3, 4, 5].
+    """
+    if length % (2 * cp):
+        raise ValueError(f"cp_positions: length {length} is not a multiple of 2 x cp ({2 * cp}); pad it first")
+    c = length // (2 * cp)
+    early = torch.arange(cp_rank * c, (cp_rank + 1) * c)
+    late = torch.arange((2 * cp - 1 - cp_rank) * c, (2 * cp - cp_rank) * c)
+    return torch.cat([early, late])
+
+
+def cp_partition_index(padded_lengths: list[int], cp: int, cp_rank: int) -> torch.Tensor:
+    """Sequences laid end to end (THD), each of a length divisible by 2 cp: the positions CP rank
+    ``cp_rank`` keeps, sequence after sequence (what TE's ``thd_get_partitioned_indices`` returns
+    for ``cu_seqlens_padded``). (sum(padded_lengths) / cp,) long."""
+    out, offset = [], 0
+    for n in padded_lengths:
+        out.append(offset + cp_positions(n, cp, cp_rank))
+        offset += n
+    return torch.cat(out)
+
+
+def cp_restore(pieces: list[torch.Tensor], padded_lengths: list[int]) -> torch.Tensor:
+    """The CP group's pieces (rank 0's, rank 1's, ...: each (n, ...) in ``cp_partition_index``
+    order) back in sequence order, (S, ...). The concatenated pieces' positions are a permutation
+    of ``range(S)``; indexing by its inverse (``argsort``) undoes it, and is differentiable in
+    every piece."""
+    cp = len(pieces)
+    order = torch.cat([cp_partition_index(padded_lengths, cp, r) for r in range(cp)])
+    return torch.cat(pieces)[torch.argsort(order).to(pieces[0].device)]
+
+
+class CPLayout:
+    """A micro-batch in the CP layout, and this rank's share of it.
+
+    ``packed``: each sub-trace is one sequence (THD, ``cu_seqlens``); else each of the ``b``
+    rows of ``T`` is one (BSHD, all rows padded alike). Each sequence is padded from its real
+    length to a multiple of 2 cp.
+
+    Attributes:
+        padded_lengths: per sequence, its length in the layout.
+        real_lengths: per sequence, the micro-batch tokens it holds (sub-trace length, or T).
+        slots: (S,) long, the position ``j T + t`` in the micro-batch's flattened (b, T) rows of
+            each slot, or -1 for a slot of CP padding.
+        local: (n,) long, the slots this rank keeps (``cp_partition_index``).
+    """
+
+    def __init__(self, lengths: list[int], T: int, cp: int, cp_rank: int, packed: bool) -> None:
+        self.b, self.T, self.cp, self.cp_rank, self.packed = len(lengths), T, cp, cp_rank, packed
+        self.real_lengths = list(lengths) if packed else [T] * len(lengths)
+        self.padded_lengths = [cp_padded_length(n, cp) for n in self.real_lengths]
+        self.slots = torch.cat([torch.cat([torch.arange(n) + j * T, torch.full((p - n,), -1)])
+                                for j, (n, p) in enumerate(zip(self.real_lengths, self.padded_lengths, strict=True))])
+        self.local = cp_partition_index(self.padded_lengths, cp, cp_rank)
+
+    def local_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n,) this rank's token ids in layout order (CP padding: token 0, never attended to
+        by a real token: it lies after its sequence's last one). tokens: (b, T)."""
+        s = self.slots[self.local].to(tokens.device)
+        return torch.where(s >= 0, tokens.reshape(-1)[s.clamp(min=0)], torch.zeros_like(s))
+
+    def local_positions(self) -> torch.Tensor:
+        """(n,) each kept slot's position within its sequence."""
+        return torch.cat([torch.arange(p) for p in self.padded_lengths])[self.local]
+
+    def local_next_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n,) the token each kept slot's logits predict: ``tokens[j, t + 1]`` for slot
+        ``(j, t)`` (0 after a row's last position, and for CP padding). tokens: (b, T)."""
+        nxt = torch.zeros_like(tokens)
+        nxt[:, :-1] = tokens[:, 1:]
+        return self.local_tokens(nxt)
+
+    def to_rows(self, values: torch.Tensor, shift: bool) -> torch.Tensor:
+        """(S,) values in layout order -> (b, T) rows (CP padding dropped). ``shift``: the
+        values are about the next token (slot t's logits predict token t+1), so they move one
+        position right, position 0 getting 0.0 (``token_logprobs_and_entropy``'s convention)."""
+        real = self.slots >= 0
+        s = self.slots[real].to(values.device)
+        rows = values.new_zeros(self.b * self.T).index_copy(0, s, values[real.to(values.device)])
+        rows = rows.reshape(self.b, self.T)
+        if shift:
+            rows = torch.cat([rows.new_zeros(self.b, 1), rows[:, :-1]], dim=1)
+        return rows
+
+
+def cp_gather(local: torch.Tensor, layout: CPLayout, group) -> torch.Tensor:
+    """All-gather a per-slot vector over the CP group and restore sequence order: (n,) -> (S,).
+
+    The other ranks' pieces arrive detached; this rank's keeps its graph. A loss on the result
+    (identical on every CP rank) therefore backpropagates only through this rank's own tokens,
+    and the sum of the CP ranks' gradients is the whole loss's gradient (chain rule over the
+    disjoint pieces): why gradients are summed over the data-parallel-with-CP group."""
+    pieces = [torch.empty_like(local) for _ in range(layout.cp)]
+    dist.all_gather(pieces, local.detach().contiguous(), group=group)
+    pieces[layout.cp_rank] = local
+    return cp_restore(pieces, layout.padded_lengths)
+
+
+def next_token_logprobs_and_entropy(fn, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets[i]`` and entropy under ``logits[i]``, for every i: (n,), (n,).
+
+    ``fn(logits (1, t, k), tokens (1, t))`` is ``token_logprobs_and_entropy``'s signature
+    (or the vocabulary-parallel one): its position i is about ``tokens[i]`` under ``logits[i-1]``,
+    and position 0 is 0.0. On a CP rank the next token of a slot is not the next slot, so the
+    targets are given: fed ``(0, targets[:-1])`` it returns slots 0..n-2 at positions 1..n-1;
+    the last slot comes from a second call on its row alone (two rows, so that no (n, k) copy
+    of the logits is made). logits: (n, k); targets: (n,).
+    """
+    zero = targets.new_zeros(1)
+    lp, ent = fn(logits[None], torch.cat([zero, targets[:-1]])[None])
+    lp_last, ent_last = fn(logits[-1:].expand(2, -1)[None], torch.cat([zero, targets[-1:]])[None])
+    return torch.cat([lp[0, 1:], lp_last[0, 1:]]), torch.cat([ent[0, 1:], ent_last[0, 1:]])
 
 
 def _require_device() -> None:
@@ -197,7 +347,7 @@ def use_transformer_engine(setting: bool | str) -> bool:
 
 def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te: bool = False,
                     recompute: bool = False, vocab_parallel: bool = False, pp: int = 1,
-                    pre_process: bool = True, post_process: bool = True) -> torch.nn.Module:
+                    pre_process: bool = True, post_process: bool = True, cp: int = 1) -> torch.nn.Module:
     """megatron-core's GPTModel for ``spec`` (parallel state initialised), with Transformer
     Engine's layer spec (``te``) or the local one; ``recompute``: full activation recomputation
     of every layer in backward (``trainer.gradient_checkpointing``; megatron's checkpoint saves
@@ -205,7 +355,13 @@ def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te:
 
     With ``pp`` stages it is this rank's stage: megatron-core builds the stage's share of the
     layers (from the parallel state's PP rank); ``pre_process`` (first stage) adds the embedding,
-    ``post_process`` (last stage) the final norm and the output layer (the value head)."""
+    ``post_process`` (last stage) the final norm and the output layer (the value head).
+
+    ``cp`` > 1: context parallel, which megatron-core implements in Transformer Engine's
+    attention only (``te``; the local spec's attention asserts cp == 1): each rank's attention
+    exchanges keys and values with the CP group (``cp_comm_type`` p2p, megatron's default)."""
+    if cp > 1 and not te:
+        raise ValueError("context parallel needs Transformer Engine's layer spec (te=True)")
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -222,6 +378,7 @@ def build_gpt_model(spec: ArchSpec, tp: int, dtype: torch.dtype, role: Role, te:
         kv_channels=spec.head_dim,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
         # Stages exchange (s, b, h) activations of the parameters' dtype; micro-batches differ in
         # length, so the schedule sends each one's shape first.
         pipeline_dtype=dtype,
@@ -309,12 +466,19 @@ class MegatronBackend:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.tp = trainer_cfg.megatron.tensor_parallel_size
         self.pp = trainer_cfg.megatron.pipeline_parallel_size
-        if world_size % (self.tp * self.pp):
+        self.cp = trainer_cfg.megatron.context_parallel_size
+        if world_size % (self.tp * self.pp * self.cp):
             raise ValueError(f"trainer.world_size={world_size} is not a multiple of trainer.megatron."
-                             f"tensor_parallel_size x pipeline_parallel_size ({self.tp} x {self.pp})")
+                             f"tensor_parallel_size x pipeline_parallel_size x context_parallel_size "
+                             f"({self.tp} x {self.pp} x {self.cp})")
         self.global_step = 0
 
         self.te = use_transformer_engine(trainer_cfg.megatron.transformer_engine)
+        if self.cp > 1 and not self.te:
+            raise ConfigError(f"trainer.megatron.context_parallel_size={self.cp}: context parallel needs "
+                              "Transformer Engine on CUDA GPUs (megatron-core splits the sequence only in TE's "
+                              "attention) and this process has no CUDA or no transformer_engine; install it on "
+                              "GPU nodes, or set trainer.megatron.context_parallel_size=1")
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
         self.spec = arch_from_hf_config(self.hf_config)
         check_pp(self.spec, self.pp)
@@ -328,7 +492,7 @@ class MegatronBackend:
         self.model = build_gpt_model(self.spec, self.tp, self.dtype, role, self.te,
                                      recompute=trainer_cfg.gradient_checkpointing and role != "reference",
                                      vocab_parallel=self.vocab_parallel, pp=self.pp, pre_process=self.first_stage,
-                                     post_process=self.last_stage).to(self.device)
+                                     post_process=self.last_stage, cp=self.cp).to(self.device)
         from megatron.core import parallel_state as ps
 
         # A tied embedding's two copies (first and last stage), whose gradients are summed.
@@ -354,18 +518,25 @@ class MegatronBackend:
         from megatron.core import tensor_parallel
 
         if ps.model_parallel_is_initialized():
-            if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (self.tp, self.pp):
-                raise ValueError("two megatron backends in one process must use the same tensor_parallel_size "
-                                 "and pipeline_parallel_size")
+            sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                     ps.get_context_parallel_world_size())
+            if sizes != (self.tp, self.pp, self.cp):
+                raise ValueError("two megatron backends in one process must use the same tensor_parallel_size, "
+                                 "pipeline_parallel_size and context_parallel_size")
         else:
-            ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp)
+            ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+                                         context_parallel_size=self.cp)
             tensor_parallel.model_parallel_cuda_manual_seed(self.seed)
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.cp_rank = ps.get_context_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
-        self.dp_group = ps.get_data_parallel_group()
+        self.cp_group = ps.get_context_parallel_group()
+        # Gradients are summed over the replicas and, within one, over its CP ranks (each holds
+        # the gradient of its own tokens' share of the loss): megatron's DP-with-CP group.
+        self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
         self.first_stage, self.last_stage = self.pp_rank == 0, self.pp_rank == self.pp - 1
 
     def _hf_state(self, path: str) -> dict[str, torch.Tensor]:
@@ -412,15 +583,18 @@ class MegatronBackend:
             raise ValueError("a sample has an empty 'tokens' tensor; every sample needs at least one token")
         return plan_micro_batches(lengths, self.trainer_cfg.micro_batch_size, self.trainer_cfg.max_tokens_per_micro_batch)
 
-    def _model_inputs(self, mb: MicroBatch) -> tuple[dict[str, Any], torch.Tensor | None]:
-        """GPTModel's keyword arguments for a micro-batch, and the index that moves packed outputs
-        back to padded rows (None for right-padded rows).
+    def _model_inputs(self, mb: MicroBatch) -> tuple[dict[str, Any], torch.Tensor | CPLayout | None]:
+        """GPTModel's keyword arguments for a micro-batch, and how its outputs go back to padded
+        rows: the index that moves packed outputs there, None for right-padded rows, or the
+        ``CPLayout`` under context parallel (``_cp_inputs``).
 
         Local spec: right-padded rows under ``causal_mask``, or one packed row under
         ``packed_mask``. Transformer Engine (GPU): right-padded rows need no mask, TE's attention
         is causal (the spec's mask type) and a real token never sees a later, padded one; packed
         is the THD layout, one row of all tokens, ``cu_seqlens`` marking where each sub-trace
         starts (RoPE and attention restart there)."""
+        if self.cp > 1:
+            return self._cp_inputs(mb)
         tokens = mb["tokens"]
         b, T = tokens.shape
         lengths = mb["attention_mask"].sum(-1).tolist()
@@ -443,6 +617,71 @@ class MegatronBackend:
         pos = torch.cat([torch.arange(n, device=tokens.device) for n in lengths])[None]
         return {"input_ids": row, "position_ids": pos, "attention_mask": None, "packed_seq_params": params}, to_padded
 
+    def _cp_inputs(self, mb: MicroBatch) -> tuple[dict[str, Any], CPLayout]:
+        """GPTModel's inputs for this CP rank's share of a micro-batch (Transformer Engine only).
+
+        Right-padded rows: every row padded to ``cp_padded_length(T)``, this rank's columns kept
+        (megatron's ``get_batch_on_this_cp_rank``); the model's RoPE takes the same chunks of
+        the positions (``get_pos_emb_on_this_cp_rank``). Packed (THD): each sub-trace padded to a
+        multiple of 2 cp, this rank's slots of each kept (``thd_get_partitioned_indices``);
+        ``cu_seqlens`` hold the real lengths, ``cu_seqlens_*_padded`` where each padded sequence
+        starts (TE's attention and megatron's THD RoPE split each sequence by the padded ones)."""
+        tokens = mb["tokens"]
+        b, T = tokens.shape
+        lengths = mb["attention_mask"].sum(-1).tolist()
+        packed = self.trainer_cfg.megatron.pack_sequences and b > 1
+        layout = CPLayout(lengths, T, self.cp, self.cp_rank, packed)
+        ids = layout.local_tokens(tokens)
+        pos = layout.local_positions().to(tokens.device)
+        if not packed:
+            return {"input_ids": ids.reshape(b, -1), "position_ids": pos.reshape(b, -1), "attention_mask": None}, layout
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        def cumulative(ns: list[int]) -> torch.Tensor:
+            cu = torch.zeros(len(ns) + 1, dtype=torch.int32, device=tokens.device)
+            cu[1:] = torch.cumsum(torch.tensor(ns, device=tokens.device), 0)
+            return cu
+
+        cu, cu_padded = cumulative(layout.real_lengths), cumulative(layout.padded_lengths)
+        longest = max(layout.padded_lengths)  # RoPE's table must cover the padded sequences
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                                 cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest)
+        return {"input_ids": ids[None], "position_ids": pos[None], "attention_mask": None,
+                "packed_seq_params": params}, layout
+
+    def _last_stage_outputs(self, out: torch.Tensor, mb: MicroBatch, layout: torch.Tensor | CPLayout | None,
+                            temperature: float) -> dict[str, torch.Tensor]:
+        """The per-token outputs of ``rl.backend`` ((b, T) each) from the last stage's model output."""
+        if isinstance(layout, CPLayout):
+            return self._cp_outputs(out, mb, layout, temperature)
+        return self._outputs(self._padded_out(out, mb, layout), mb, temperature)
+
+    def _cp_outputs(self, out: torch.Tensor, mb: MicroBatch, layout: CPLayout, temperature: float) -> dict[str, torch.Tensor]:
+        """As ``_outputs``, from this CP rank's share of the model output, (b, n / b, k) or
+        (1, n, k): per-token values are computed on the rank's own slots (the logits never
+        leave it), all-gathered over the CP group as (n,) vectors and put back in sequence order,
+        identical on every CP rank, with gradients flowing into this rank's own slots only."""
+        local = out.reshape(-1, out.shape[-1])[:, : self._width()]  # (n, k) in layout.local order
+        m = mb["attention_mask"]
+        if self.role == "critic":
+            values = layout.to_rows(cp_gather(local[:, 0].float(), layout, self.cp_group), shift=False)
+            return {"values": values * m.float()}
+        targets = layout.local_next_tokens(mb["tokens"])
+        lp, ent = next_token_logprobs_and_entropy(self._logprobs_fn(temperature), local, targets)
+        logprobs = layout.to_rows(cp_gather(lp, layout, self.cp_group), shift=True)
+        entropy = layout.to_rows(cp_gather(ent, layout, self.cp_group), shift=True)
+        mf = m.to(logprobs.dtype)
+        return {"logprobs": logprobs * mf, "entropy": entropy * mf}
+
+    def _logprobs_fn(self, temperature: float):
+        """``(logits (b, t, k), tokens (b, t)) -> (logprobs, entropy)``: the DeepSpeed backend's
+        kernel on the true vocabulary, or at TP > 1 the vocabulary-parallel one."""
+        if not self.vocab_parallel:
+            return lambda logits, tokens: token_logprobs_and_entropy(logits, tokens, temperature)
+        start = self.tp_rank * (self.spec.padded_vocab(self.tp) // self.tp)
+        return lambda logits, tokens: vocab_parallel_logprobs_and_entropy(
+            logits, tokens, start, self.spec.vocab_size, self.tp_group, temperature)
+
     def _padded_out(self, out: torch.Tensor, mb: MicroBatch, to_padded: torch.Tensor | None) -> torch.Tensor:
         """The last stage's (b, s, k) model output as (b, T, k) in the padded layout: logits over
         the true vocabulary (this rank's vocabulary shard at TP > 1), or values (k=1)."""
@@ -453,10 +692,6 @@ class MegatronBackend:
         padded = out.new_zeros(b * T, out.shape[-1]).index_copy(0, to_padded, out)
         return padded.reshape(b, T, -1)
 
-    def _model_out(self, mb: MicroBatch) -> torch.Tensor:
-        """(b, T, k) outputs in the padded layout (one stage: the whole model)."""
-        kwargs, to_padded = self._model_inputs(mb)
-        return self._padded_out(self.model(**kwargs), mb, to_padded)
 
     def _width(self) -> int:
         if self.role == "critic":
@@ -464,37 +699,38 @@ class MegatronBackend:
         return self.spec.padded_vocab(self.tp) // self.tp if self.vocab_parallel else self.spec.vocab_size
 
     def _forward(self, mb: MicroBatch, temperature: float) -> dict[str, torch.Tensor]:
-        return self._outputs(self._model_out(mb), mb, temperature)
+        """Per-token outputs of one micro-batch (one stage: the whole model)."""
+        kwargs, layout = self._model_inputs(mb)
+        return self._last_stage_outputs(self.model(**kwargs), mb, layout, temperature)
 
     def _outputs(self, out: torch.Tensor, mb: MicroBatch, temperature: float) -> dict[str, torch.Tensor]:
         """The per-token outputs of ``rl.backend`` from (b, T, k) padded model outputs."""
         m = mb["attention_mask"]
         if self.role == "critic":
             return {"values": out.squeeze(-1).float() * m.float()}
-        if self.vocab_parallel:
-            shard = self.spec.padded_vocab(self.tp) // self.tp
-            logprobs, entropy = vocab_parallel_logprobs_and_entropy(
-                out, mb["tokens"], self.tp_rank * shard, self.spec.vocab_size, self.tp_group, temperature)
-        else:
-            logprobs, entropy = token_logprobs_and_entropy(out, mb["tokens"], temperature)
+        logprobs, entropy = self._logprobs_fn(temperature)(out, mb["tokens"])
         mf = m.to(logprobs.dtype)
         return {"logprobs": logprobs * mf, "entropy": entropy * mf}
 
     def _check_same_samples(self, samples: list[Sample]) -> None:
-        """Raise if the stages of this replica were handed different samples (each stage would
-        plan its own micro-batches and the pipeline's sends would not match)."""
+        """Raise if the pipeline stages or the CP ranks of this replica were handed different
+        samples (each would plan its own micro-batches, and the pipeline's sends or the CP
+        group's attention exchanges would not match)."""
         lengths = [int(s["tokens"].shape[0]) for s in samples]
         mine = torch.tensor([len(samples), sum(lengths), sum(int(s["tokens"].sum()) for s in samples)],
                             dtype=torch.int64, device=self.device)
-        low, high = mine.clone(), mine.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.pp_group)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.pp_group)
-        if not torch.equal(low, high):
-            raise ValueError("the pipeline stages of one replica got different samples; give every rank of a "
-                             "replica the same shard (megatron_backend.replica_of(rank, world_size, tp, pp))")
+        for size, group, who in ((self.pp, self.pp_group, "pipeline stages"), (self.cp, self.cp_group, "CP ranks")):
+            if size == 1:
+                continue
+            low, high = mine.clone(), mine.clone()
+            dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+            if not torch.equal(low, high):
+                raise ValueError(f"the {who} of one replica got different samples; give every rank of a replica "
+                                 "the same shard (megatron_backend.replica_of(rank, world_size, tp, pp, cp))")
 
     def _forward_each(self, samples: list[Sample], key: str, temperature: float) -> list[torch.Tensor]:
-        if self.pp > 1:
+        if self.pp > 1 or self.cp > 1:
             self._check_same_samples(samples)
         plan = self._plan(samples) if samples else []
         out: list[torch.Tensor | None] = [None] * len(samples)
@@ -529,11 +765,11 @@ class MegatronBackend:
 
             def forward_step(data_iterator, model):
                 mb = next(data_iterator)
-                kwargs, to_padded = self._model_inputs(mb)
+                kwargs, layout = self._model_inputs(mb)
                 out = model(**kwargs)  # (s, b, h) activations, or on the last stage (b, s, k)
 
                 def on_last_stage(out: torch.Tensor):
-                    outputs = self._outputs(self._padded_out(out, mb, to_padded), mb, temperature)
+                    outputs = self._last_stage_outputs(out, mb, layout, temperature)
                     one = torch.ones((), dtype=torch.int, device=out.device)
                     if loss_fn is None:
                         results.append({k: v.cpu() for k, v in outputs.items()})
@@ -557,9 +793,9 @@ class MegatronBackend:
 
     @property
     def reports(self) -> bool:
-        """Whether this rank's outputs and metrics are its replica's: TP rank 0 of the first
-        stage, the replica's lowest global rank (every rank of a replica returns the same)."""
-        return self.tp_rank == 0 and self.pp_rank == 0
+        """Whether this rank's outputs and metrics are its replica's: TP rank 0 and CP rank 0 of
+        the first stage, the replica's lowest global rank (every rank of a replica returns the same)."""
+        return self.tp_rank == 0 and self.cp_rank == 0 and self.pp_rank == 0
 
     def forward_logprobs(self, samples: list[Sample], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per sample, (t,) fp32 ``log p(tokens[i] | tokens[:i])`` at ``temperature`` (position 0: 0.0). No grad."""
@@ -577,7 +813,7 @@ class MegatronBackend:
         """One optimizer step over this rank's ``samples`` (its DP shard), as ``DeepSpeedBackend.train_step``."""
         if self.role == "reference":
             raise ValueError("train_step: the reference model is frozen")
-        if self.pp > 1:
+        if self.pp > 1 or self.cp > 1:
             self._check_same_samples(samples)
         plan = self._plan(samples) if samples else []
         if distributed.all_reduce_max(len(plan)) == 0:
@@ -619,7 +855,8 @@ class MegatronBackend:
         return out
 
     def _reduce_grads(self) -> None:
-        """Sum gradients over the DP replicas, and a tied embedding's over its two stages."""
+        """Sum gradients over the DP replicas and their CP ranks, and a tied embedding's over its
+        two stages. Afterwards every CP rank of a replica holds the same, whole gradient."""
         if self.embedding_group is not None:
             w = self.model.shared_embedding_or_output_weight()
             if w is not None and w.grad is not None:
@@ -635,7 +872,8 @@ class MegatronBackend:
     def _grad_norm(self) -> float:
         """The whole model's gradient norm: TP-sharded slices summed over the TP group,
         replicated weights once, each stage's parameters once over the PP group (a tied
-        embedding's last-stage copy, megatron's ``shared`` weight, not at all)."""
+        embedding's last-stage copy, megatron's ``shared`` weight, not at all). Not summed over
+        the CP group: after ``_reduce_grads`` its ranks hold the same gradient, counted once."""
         sharded = torch.zeros((), dtype=torch.float64, device=self.device)
         replicated = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.model.parameters():
@@ -665,11 +903,11 @@ class MegatronBackend:
     def state_dict_for_engine(self, on_this_rank: bool = True) -> dict[str, torch.Tensor]:
         """Full weights under HF names, CPU tensors, on global rank 0 (``{}`` elsewhere).
 
-        The ranks of DP replica 0 take part (TP shards are gathered to each stage's TP rank 0,
-        the stages to the first stage's); the other replicas return at once. Tied models share
-        one tensor for embed/lm_head.
+        The ranks of DP replica 0 and CP rank 0 take part (TP shards are gathered to each stage's
+        TP rank 0, the stages to the first stage's); the other replicas and CP ranks, holding the
+        same weights, return at once. Tied models share one tensor for embed/lm_head.
         """
-        if self.dp_rank != 0:
+        if self.dp_rank != 0 or self.cp_rank != 0:
             return {}
         local = self._megatron_state()
         if self.tp == 1:
@@ -759,7 +997,7 @@ class MegatronBackend:
             meta = {"format": CHECKPOINT_FORMAT, "backend": "megatron", "role": self.role,
                     "global_step": self.global_step, "world_size": self.world_size,
                     "tensor_parallel_size": self.tp, "pipeline_parallel_size": self.pp,
-                    "dtype": str(self.dtype).removeprefix("torch.")}
+                    "context_parallel_size": self.cp, "dtype": str(self.dtype).removeprefix("torch.")}
             (tmp / _META).write_text(json.dumps(meta, indent=1))
             _fsync_tree(tmp)
             if path.exists():
@@ -769,16 +1007,18 @@ class MegatronBackend:
         distributed.barrier()
 
     def load(self, path: str | os.PathLike[str]) -> None:
-        """Restore everything ``save`` wrote (same role, world size, TP and PP sizes: each rank
-        reads its own shard, ``rank{r}.pt``)."""
+        """Restore everything ``save`` wrote (same role, world size, TP, PP and CP sizes: each
+        rank reads its own shard, ``rank{r}.pt``)."""
         path = Path(path)
         meta_file = path / _META
         if not meta_file.is_file():
             raise FileNotFoundError(f"load: {path} is not a complete backend checkpoint (no {_META})")
         meta = json.loads(meta_file.read_text())
         for key, mine in (("backend", "megatron"), ("role", self.role), ("world_size", self.world_size),
-                          ("tensor_parallel_size", self.tp), ("pipeline_parallel_size", self.pp)):
-            if meta.get(key, 1 if key == "pipeline_parallel_size" else None) != mine:
+                          ("tensor_parallel_size", self.tp), ("pipeline_parallel_size", self.pp),
+                          ("context_parallel_size", self.cp)):
+            # Checkpoints from before pipeline and context parallel have neither key: size 1.
+            if meta.get(key, 1 if key in ("pipeline_parallel_size", "context_parallel_size") else None) != mine:
                 raise ValueError(f"load: {path} was saved with {key}={meta.get(key)!r}, this backend has {key}={mine!r}")
         blob = torch.load(path / f"rank{self.rank}.pt", weights_only=False)
         state = blob["model"]

@@ -71,14 +71,15 @@ def make_backend(role: Role, model_path: str, trainer_cfg: TrainerConfig, optim_
 
 def data_parallel_ranks(world_size: int, trainer_cfg: TrainerConfig) -> list[int]:
     """Per global rank, the data shard it trains on. DeepSpeed ranks each get one. Megatron: the
-    tensor-parallel ranks and pipeline stages of one model replica share its shard; in
-    megatron-core's rank order (TP fastest, then data parallel, the stage slowest) rank ``r`` is
-    in replica ``(r // tp) % dp`` (``rl.megatron_backend.replica_of``)."""
+    tensor-parallel ranks, context-parallel ranks and pipeline stages of one model replica share
+    its shard; in megatron-core's rank order (TP fastest, then CP, then data parallel, the stage
+    slowest) rank ``r`` is in replica ``(r // (tp cp)) % dp`` (``rl.megatron_backend.replica_of``)."""
     if trainer_cfg.backend != "megatron":
         return list(range(world_size))
-    tp, pp = trainer_cfg.megatron.tensor_parallel_size, trainer_cfg.megatron.pipeline_parallel_size
-    dp = world_size // (tp * pp)
-    return [(r // tp) % dp for r in range(world_size)]
+    m = trainer_cfg.megatron
+    tp, pp, cp = m.tensor_parallel_size, m.pipeline_parallel_size, m.context_parallel_size
+    dp = world_size // (tp * cp * pp)
+    return [(r // (tp * cp)) % dp for r in range(world_size)]
 
 
 @ray.remote

@@ -4,6 +4,9 @@ Invariances: on the same tiny Llama weights and batch, DeepSpeed and Megatron gi
 per-token log-probabilities, PPO loss and gradients, and the same weights after one step; packed
 micro-batches == padded ones; micro-batch 1 x 4 == 4 x 1; TP=2 (two gloo processes) == TP=1;
 PP=2 (two gloo processes, megatron-core's 1F1B schedule) == PP=1 for policy and critic;
+context parallel's index arithmetic by hand, and its split-compute-restore == the whole
+(the model under CP needs Transformer Engine on GPUs: not run here; the gather's gradient over two
+gloo processes is in ``test_megatron_cp``);
 Qwen2 (qkv bias) and Qwen3 (qk-norm) forwards equal HF's; the critic equals DeepSpeed's critic;
 save/load continues bit-identically. Update tolerance as in ``test_deepspeed_backend``: AdamW's
 first step with eps=1e-3 moves a weight by lr * g / (|g| + eps), Lipschitz in g with constant
@@ -13,6 +16,7 @@ gradient moves them by ~1e-4: 2e-6 tells them apart.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -31,7 +35,17 @@ from relayrl.model import make_tiny_model  # noqa: E402
 from relayrl.rl.backend import TrainerBackend  # noqa: E402
 from relayrl.rl.distributed import free_port  # noqa: E402
 from relayrl.rl.deepspeed_backend import collate, token_logprobs_and_entropy  # noqa: E402
-from relayrl.rl.megatron_backend import causal_mask, pack_index, packed_mask  # noqa: E402
+from relayrl.rl.megatron_backend import (  # noqa: E402
+    CPLayout,
+    causal_mask,
+    cp_padded_length,
+    cp_partition_index,
+    cp_positions,
+    cp_restore,
+    next_token_logprobs_and_entropy,
+    pack_index,
+    packed_mask,
+)
 from relayrl.rl.megatron_convert import megatron_to_hf  # noqa: E402
 from relayrl.rl.ppo import make_policy_loss_fn, make_value_loss_fn  # noqa: E402
 
@@ -96,6 +110,127 @@ def test_masks_by_hand():
     assert p[0, 0].int().tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 0]]
     # Tokens of lengths [2, 1] in rows of T=3 sit at flat positions 0, 1 and 3.
     assert pack_index([2, 1], 3)[0].tolist() == [0, 1, 3]
+
+
+# ----------------------------------------------------------------------------- context parallel, by hand
+
+
+def test_cp_chunks_by_hand():
+    # 2 cp chunks of equal size; rank i keeps chunks i and 2cp-1-i.
+    # 8 tokens, cp 2: chunks [0 1] [2 3] [4 5] [6 7]; rank 0 has the first and last.
+    assert cp_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert cp_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+    # 12 tokens, cp 3: six chunks of 2.
+    assert [cp_positions(12, 3, r).tolist() for r in range(3)] == [[0, 1, 10, 11], [2, 3, 8, 9], [4, 5, 6, 7]]
+    # 4 tokens, cp 2: chunks of one token.
+    assert [cp_positions(4, 2, r).tolist() for r in range(2)] == [[0, 3], [1, 2]]
+    with pytest.raises(ValueError, match="length 6 is not a multiple of 2 x cp"):
+        cp_positions(6, 2, 0)
+    # Padding: up to the next multiple of 2 cp.
+    assert [cp_padded_length(n, 2) for n in (1, 4, 5, 8, 9)] == [4, 4, 8, 8, 12]
+    assert [cp_padded_length(n, 3) for n in (5, 6, 7, 12)] == [6, 6, 12, 12]
+
+
+def test_cp_packed_layout_by_hand():
+    # Sub-traces of 5, 3 and 8 tokens packed (THD), cp 2: padded to 8, 4, 8 (offsets 0, 8, 12).
+    # Rank 0: [0 1 | 6 7] of the first, [8 | 11] of the second (chunks of one), [12 13 | 18 19].
+    assert cp_partition_index([8, 4, 8], 2, 0).tolist() == [0, 1, 6, 7, 8, 11, 12, 13, 18, 19]
+    assert cp_partition_index([8, 4, 8], 2, 1).tolist() == [2, 3, 4, 5, 9, 10, 14, 15, 16, 17]
+    tokens = torch.arange(24).reshape(3, 8) + 100  # rows of T=8; row j holds 100 + 8j ..
+    layouts = [CPLayout([5, 3, 8], 8, 2, r, packed=True) for r in range(2)]
+    lay = layouts[0]
+    assert lay.padded_lengths == [8, 4, 8] and lay.real_lengths == [5, 3, 8]
+    # Slot -> position j*T + t in the (3, 8) rows; -1 is CP padding.
+    assert lay.slots.tolist() == [0, 1, 2, 3, 4, -1, -1, -1, 8, 9, 10, -1] + list(range(16, 24))
+    # Rank 0's slots: rows' positions 0 1 (pad pad) | 8 (pad) | 16 17 22 23.
+    assert lay.local_tokens(tokens).tolist() == [100, 101, 0, 0, 108, 0, 116, 117, 122, 123]
+    assert lay.local_positions().tolist() == [0, 1, 6, 7, 0, 3, 0, 1, 6, 7]
+    # The token each slot's logits predict: the next one in its row (0 after the row's end, at T-1).
+    assert lay.local_next_tokens(tokens).tolist() == [101, 102, 0, 0, 109, 0, 117, 118, 123, 0]
+    assert layouts[1].local_tokens(tokens).tolist() == [102, 103, 104, 0, 109, 110, 118, 119, 120, 121]
+    # Back to rows: slot values 0..19 in layout order; CP padding (slots 5-7, 11) dropped.
+    rows = lay.to_rows(torch.arange(20.0), shift=False)
+    assert rows.tolist() == [[0, 1, 2, 3, 4, 0, 0, 0], [8, 9, 10, 0, 0, 0, 0, 0], [12, 13, 14, 15, 16, 17, 18, 19]]
+    # Next-token values move one right: position t holds slot t-1's (logits t-1 predict token t).
+    assert lay.to_rows(torch.arange(20.0), shift=True)[0].tolist() == [0, 0, 1, 2, 3, 4, 0, 0]
+
+
+def test_cp_padded_rows_layout_by_hand():
+    # Right-padded rows (BSHD) of T=5, cp 2: every row padded to 8, rank 1 keeps columns 2 3 4 5
+    # of each (column 5 is CP padding).
+    lay = CPLayout([5, 3], 5, 2, 1, packed=False)
+    assert lay.padded_lengths == [8, 8] and lay.real_lengths == [5, 5]
+    assert lay.slots[lay.local].tolist() == [2, 3, 4, -1, 7, 8, 9, -1]
+    tokens = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]])
+    assert lay.local_tokens(tokens).tolist() == [3, 4, 5, 0, 8, 0, 0, 0]
+    assert lay.local_positions().tolist() == [2, 3, 4, 5, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("lengths,T,cp,packed", [([8], 8, 2, True), ([5, 3, 8], 8, 2, True), ([7, 1, 12, 4], 12, 3, True),
+                                                ([9, 2, 6], 9, 4, True), ([5, 3], 5, 2, False), ([7, 12, 3], 12, 3, False)])
+def test_cp_split_then_restore_is_the_identity(lengths, T, cp, packed):
+    layouts = [CPLayout(lengths, T, cp, r, packed) for r in range(cp)]
+    S = sum(layouts[0].padded_lengths)
+    x = torch.randn(S, 3)
+    pieces = [x[lay.local] for lay in layouts]
+    assert all(p.shape == (S // cp, 3) for p in pieces)  # every rank the same share
+    assert torch.equal(cp_restore(pieces, layouts[0].padded_lengths), x)
+    # The ranks' slots partition the layout: each slot kept by exactly one rank.
+    assert sorted(torch.cat([lay.local for lay in layouts]).tolist()) == list(range(S))
+    # Rows: each real token once, in order.
+    rows = torch.randn(len(lengths), T)
+    shares = [rows.reshape(-1)[lay.slots[lay.local].clamp(min=0)] for lay in layouts]  # CP padding: any value
+    got = layouts[0].to_rows(cp_restore(shares, layouts[0].padded_lengths), shift=False)
+    real = (torch.arange(T)[None] < torch.tensor(layouts[0].real_lengths)[:, None])
+    assert torch.equal(got[real], rows[real]) and not got[~real].any()
+
+
+def test_next_token_logprobs_and_entropy_by_hand():
+    # Two slots of a vocabulary of 3: uniform logits (log p = -log 3, H = log 3), and logits
+    # (0, log 2, log 5), so p = (1, 2, 5) / 8: target 2 has log(5/8), H = -sum p log p.
+    logits = torch.tensor([[0.0, 0.0, 0.0], [0.0, math.log(2.0), math.log(5.0)]])
+    lp, ent = next_token_logprobs_and_entropy(token_logprobs_and_entropy, logits, torch.tensor([1, 2]))
+    p = torch.tensor([1.0, 2.0, 5.0]) / 8
+    torch.testing.assert_close(lp, torch.tensor([-math.log(3.0), math.log(5 / 8)]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent, torch.tensor([math.log(3.0), float(-(p * p.log()).sum())]), rtol=0, atol=1e-6)
+    # Against log_softmax on random logits, every slot its own target.
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(11, 17, generator=g), torch.randint(0, 17, (11,), generator=g)
+    lp, ent = next_token_logprobs_and_entropy(token_logprobs_and_entropy, logits, targets)
+    ref = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(lp, ref.gather(-1, targets[:, None])[:, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent, -(ref.exp() * ref).sum(-1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cp,packed", [(2, True), (3, True), (2, False), (4, False)])
+def test_cp_split_compute_restore_equals_the_whole(cp, packed):
+    """A causal model's logits at a position do not depend on how the sequence is split (what
+    CP attention guarantees), so each rank's share of the logits is the whole's at its slots;
+    the per-token log-probabilities and entropies computed on the shares and restored equal
+    those computed on the whole micro-batch, at every real position. CP padding slots get
+    arbitrary logits (they must not leak in)."""
+    g = torch.Generator().manual_seed(1)
+    samples = make_samples([7, 12, 3, 9], seed=2)
+    mb = collate(samples)
+    b, T = mb["tokens"].shape
+    V = 40
+    logits = torch.randn(b, T, V, generator=g)
+    ref_lp, ref_ent = token_logprobs_and_entropy(logits, mb["tokens"])
+    lengths = mb["attention_mask"].sum(-1).tolist()
+    layouts = [CPLayout(lengths, T, cp, r, packed) for r in range(cp)]
+    garbage = torch.randn(1, V, generator=g) * 100
+    lp_pieces, ent_pieces = [], []
+    for lay in layouts:
+        s = lay.slots[lay.local]
+        local = torch.where((s >= 0)[:, None], logits.reshape(b * T, V)[s.clamp(min=0)], garbage)
+        lp, ent = next_token_logprobs_and_entropy(token_logprobs_and_entropy, local, lay.local_next_tokens(mb["tokens"]))
+        lp_pieces.append(lp)
+        ent_pieces.append(ent)
+    m = mb["attention_mask"].bool()
+    for pieces, ref in ((lp_pieces, ref_lp), (ent_pieces, ref_ent)):
+        got = layouts[0].to_rows(cp_restore(pieces, layouts[0].padded_lengths), shift=True)
+        torch.testing.assert_close(got[m], ref[m], rtol=0, atol=1e-6)
+        assert torch.equal(got[:, 0], torch.zeros(b))
 
 
 # ----------------------------------------------------------------------------- DeepSpeed == Megatron
@@ -436,27 +571,37 @@ def test_replica_of_is_the_trainer_groups_shard():
     from relayrl.rl.megatron_backend import replica_of
     from relayrl.rl.trainer_actor import data_parallel_ranks
 
-    for world, tp, pp in ((4, 1, 1), (4, 2, 1), (8, 2, 1), (8, 4, 1), (2, 1, 2), (4, 1, 2), (8, 2, 2), (8, 1, 4)):
-        tc = TrainerConfig(backend="megatron", world_size=world,
-                           megatron={"tensor_parallel_size": tp, "pipeline_parallel_size": pp})
-        assert [replica_of(r, world, tp, pp) for r in range(world)] == data_parallel_ranks(world, tc)
+    for world, tp, pp, cp in ((4, 1, 1, 1), (4, 2, 1, 1), (8, 2, 1, 1), (8, 4, 1, 1), (2, 1, 2, 1), (4, 1, 2, 1),
+                              (8, 2, 2, 1), (8, 1, 4, 1), (2, 1, 1, 2), (8, 2, 1, 2), (8, 1, 2, 2), (16, 2, 2, 2),
+                              (8, 2, 1, 4)):
+        tc = TrainerConfig(backend="megatron", world_size=world, megatron={
+            "tensor_parallel_size": tp, "pipeline_parallel_size": pp, "context_parallel_size": cp})
+        assert [replica_of(r, world, tp, pp, cp) for r in range(world)] == data_parallel_ranks(world, tc)
     # TP 2 x DP 2 x PP 2 in megatron's order: ranks 0-3 are stage 0, 4-7 stage 1; TP pairs adjacent.
     assert [replica_of(r, 8, 2, 2) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    # TP 2 x CP 2 x DP 2 (tp-cp-ep-dp-pp): ranks 0-3 (TP pairs 0 1 and 2 3, CP ranks 0 and 1) are
+    # replica 0, ranks 4-7 replica 1.
+    assert [replica_of(r, 8, 2, 1, 2) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    # CP 2 x DP 2 x PP 2: CP pairs adjacent, replicas alternate, stage 1 from rank 4.
+    assert [replica_of(r, 8, 1, 2, 2) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
     assert data_parallel_ranks(4, TrainerConfig(backend="deepspeed", world_size=4)) == [0, 1, 2, 3]
 
 
 def test_the_trainer_group_counts_each_replica_once():
-    """TrainerGroup's reporting ranks: the first of each data shard (TP rank 0 of the first
-    stage), whatever the layout; built without Ray (its actors are not needed for the plan)."""
+    """TrainerGroup's reporting ranks: the first of each data shard (TP rank 0 and CP rank 0 of
+    the first stage), whatever the layout; built without Ray (its actors are not needed for the plan)."""
     from relayrl.rl.trainer_actor import TrainerGroup, data_parallel_ranks
 
-    for world, tp, pp, want in ((2, 1, 2, [True, False]), (4, 1, 2, [True, True, False, False]),
-                                (8, 2, 2, [True, False, True, False, False, False, False, False]),
-                                (4, 2, 1, [True, False, True, False])):
+    for world, tp, pp, cp, want in ((2, 1, 2, 1, [True, False]), (4, 1, 2, 1, [True, True, False, False]),
+                                    (8, 2, 2, 1, [True, False, True, False, False, False, False, False]),
+                                    (4, 2, 1, 1, [True, False, True, False]),
+                                    (4, 1, 1, 2, [True, False, True, False]),
+                                    (8, 2, 1, 2, [True, False, False, False, True, False, False, False]),
+                                    (8, 1, 2, 2, [True, False, True, False, False, False, False, False])):
         group = TrainerGroup.__new__(TrainerGroup)
         group.world_size = world
-        group.dp_ranks = data_parallel_ranks(world, TrainerConfig(
-            backend="megatron", world_size=world, megatron={"tensor_parallel_size": tp, "pipeline_parallel_size": pp}))
+        group.dp_ranks = data_parallel_ranks(world, TrainerConfig(backend="megatron", world_size=world, megatron={
+            "tensor_parallel_size": tp, "pipeline_parallel_size": pp, "context_parallel_size": cp}))
         assert group._reporting() == want
         shards = group._shards([{"tokens": torch.zeros(n)} for n in (5, 3, 4, 2)])
         # Every rank of a replica holds its replica's samples; the replicas split all of them.
@@ -485,8 +630,6 @@ def test_bad_megatron_settings_are_config_errors(tiny, tmp_path):
     from relayrl.config import ConfigError, load_config
     from relayrl.rl.job import check_megatron_available
 
-    with pytest.raises(ConfigError, match="trainer.megatron.context_parallel_size: only 1 is supported"):
-        load_config(None, ["trainer.backend=megatron", "trainer.megatron.context_parallel_size=2"])
     with pytest.raises(ConfigError, match=r"trainer.world_size \(3\) must be a multiple of trainer.megatron.tensor_parallel_size \(2\)"):
         load_config(None, ["trainer.backend=megatron", "trainer.world_size=3", "trainer.megatron.tensor_parallel_size=2"])
     # Pipeline: one replica is tp x pp ranks (here 2 x 2 = 4, and 6 is not a multiple of it).
@@ -502,7 +645,7 @@ def test_bad_megatron_settings_are_config_errors(tiny, tmp_path):
                                          r"num_hidden_layers \(2\)"):
         MegatronBackend("policy", tiny, TrainerConfig(backend="megatron", world_size=3,
                                                       megatron={"pipeline_parallel_size": 3}), rank=0, world_size=3)
-    with pytest.raises(ValueError, match=r"trainer.world_size=3 is not a multiple of .* \(1 x 2\)"):
+    with pytest.raises(ValueError, match=r"trainer.world_size=3 is not a multiple of .* \(1 x 2 x 1\)"):
         MegatronBackend("policy", tiny, TrainerConfig(backend="megatron", world_size=3,
                                                       megatron={"pipeline_parallel_size": 2}), rank=0, world_size=3)
     # The tiny Llama has 2 KV heads: TP 4 cannot split them.
@@ -517,3 +660,39 @@ def test_bad_megatron_settings_are_config_errors(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"pipeline_parallel_size=3 does not divide the model's num_hidden_layers \(2\)"):
         check_megatron_available(str(tiny), 1, 3)  # at start-up, before any trainer starts
     check_megatron_available(str(tiny), 1, 2)
+
+
+def test_context_parallel_settings(tiny):
+    """CP is accepted by the config (megatron, TE not off, world size a multiple of tp pp cp) and
+    refused at start-up on a machine without CUDA and Transformer Engine (this one)."""
+    from relayrl.config import ConfigError, load_config
+    from relayrl.rl.job import check_megatron_available
+
+    cfg = load_config(None, ["trainer.backend=megatron", "trainer.world_size=8", "trainer.megatron.tensor_parallel_size=2",
+                             "trainer.megatron.context_parallel_size=2"])
+    assert cfg.trainer.megatron.context_parallel_size == 2  # TP 2 x CP 2 x DP 2
+    with pytest.raises(ConfigError, match=r"trainer.world_size \(6\) must be a multiple of trainer.megatron.tensor_parallel_size "
+                                          r"\(2\) x trainer.megatron.context_parallel_size \(2\) = 4"):
+        load_config(None, ["trainer.backend=megatron", "trainer.world_size=6", "trainer.megatron.tensor_parallel_size=2",
+                           "trainer.megatron.context_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"trainer.world_size \(4\) must be a multiple of trainer.megatron.tensor_parallel_size "
+                                          r"\(1\) x trainer.megatron.pipeline_parallel_size \(2\) x "
+                                          r"trainer.megatron.context_parallel_size \(4\) = 8"):
+        load_config(None, ["trainer.backend=megatron", "trainer.world_size=4", "trainer.megatron.pipeline_parallel_size=2",
+                           "trainer.megatron.context_parallel_size=4"])
+    with pytest.raises(ConfigError, match=r"context_parallel_size \(2\): context parallel runs only in Transformer "
+                                          r"Engine's attention .* set trainer.megatron.transformer_engine to auto or true"):
+        load_config(None, ["trainer.backend=megatron", "trainer.world_size=2", "trainer.megatron.context_parallel_size=2",
+                           "trainer.megatron.transformer_engine=false"])
+    with pytest.raises(ConfigError, match=r"context_parallel_size \(2\): context parallel is a megatron backend feature, "
+                                          r"trainer.backend is deepspeed"):
+        load_config(None, ["trainer.world_size=2", "trainer.megatron.context_parallel_size=2"])
+    # At start-up: the job's check, and the backend itself (before any process group starts).
+    with pytest.raises(ConfigError, match=r"context_parallel_size=2: context parallel needs Transformer Engine on CUDA GPUs"):
+        check_megatron_available(str(tiny), 1, 1, 2)
+    with pytest.raises(ConfigError, match=r"context_parallel_size=2: context parallel needs Transformer Engine on CUDA GPUs"):
+        MegatronBackend("policy", tiny, TrainerConfig(backend="megatron", world_size=2,
+                                                      megatron={"context_parallel_size": 2}), rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"trainer.world_size=3 is not a multiple of .* \(1 x 1 x 2\)"):
+        MegatronBackend("policy", tiny, TrainerConfig(backend="megatron", world_size=3,
+                                                      megatron={"context_parallel_size": 2}), rank=0, world_size=3)

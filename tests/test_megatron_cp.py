@@ -107,7 +107,7 @@ def test_cp_gather_outputs_loss_and_summed_gradient_equal_the_whole(tmp_path, pa
     for r in ranks:
         torch.testing.assert_close(r["outputs"]["logprobs"], (lp * mf).detach(), rtol=0, atol=1e-6)
         torch.testing.assert_close(r["outputs"]["entropy"], (ent * mf).detach(), rtol=0, atol=1e-6)
-        assert r["loss"] == pytest.approx(float(loss), rel=1e-6, abs=1e-8)
+        assert r["loss"] == pytest.approx(float(loss.detach()), rel=1e-6, abs=1e-8)
         assert r["metrics"] == pytest.approx({k: float(v) for k, v in metrics.items()}, rel=1e-6, abs=1e-8)
         assert torch.equal(r["garbage_grad"], torch.zeros(1, V))  # CP padding: no gradient
         torch.testing.assert_close(r["summed_grad"], logits.grad, rtol=0, atol=1e-7)

@@ -4,8 +4,16 @@ SmolLM2-135M-Instruct fp32, chat-formatted prompts, sampling at temperature 1 (t
 EOS ignored so every sequence samples exactly ``--new-tokens`` tokens), ``--threads`` torch
 threads for both. For each batch size the engine gets all requests at once (continuous batching
 admits them in one prefill) and HF gets one left-padded ``generate`` call; tokens/s counts
-sampled tokens over wall time, prefill included. Also times a weight update from disk: the
-total (read + copy) and the part that pauses decoding (the in-place copy).
+sampled tokens over wall time, prefill included; the engine keeps nothing from one batch to the
+next here (``min_prefix_reuse=0``: every prompt is computed whole, as HF computes it). Also times
+a weight update from disk: the total (read + copy) and the part that pauses decoding (the
+in-place copy).
+
+Then an agent-like workload (``--episodes`` episodes of ``--turns`` turns, all episodes' turns
+at once): each turn's prompt is the last one, its reply and a tool observation, so the context
+grows. HF ``generate`` and the engine without reuse compute every turn's prompt whole; the
+engine with reuse (the default, ``min_prefix_reuse=16``) continues each episode's kept keys
+and values and prefills only the reply's last token and the observation.
 
     python bench/bench_engine.py            # batch 1, 8, 32; 128 new tokens
     python bench/bench_engine.py --quick    # batch 1, 8; 32 new tokens
@@ -78,6 +86,44 @@ def bench_hf(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> flo
     return len(prompts) * new_tokens / dt
 
 
+OBSERVATION = ("\n<|im_start|>user\nTool output: ran 12 tests, 11 passed, 1 failed: test_edge_case "
+               "(AssertionError: expected [] but got None). Fix it and run again.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def multi_turn(generate, prompts: list[list[int]], obs: list[int], turns: int, new_tokens: int) -> tuple[float, int]:
+    """Run the episodes through ``generate(prompts) -> outputs``; (sampled tokens/s, tokens of
+    all prompts)."""
+    ctx = [list(p) for p in prompts]
+    prompt_tokens = 0
+    t0 = time.perf_counter()
+    for _ in range(turns):
+        prompt_tokens += sum(len(c) for c in ctx)
+        outs = generate(ctx)
+        ctx = [c + o + obs for c, o in zip(ctx, outs, strict=True)]
+    return len(prompts) * turns * new_tokens / (time.perf_counter() - t0), prompt_tokens
+
+
+def engine_turns(engine: CpuEngine, new_tokens: int):
+    def generate(ctx: list[list[int]]) -> list[list[int]]:
+        sp = [SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i, ignore_eos=True) for i in range(len(ctx))]
+        return [o.output_ids for o in engine.generate_many([GenerateRequest(c, s) for c, s in zip(ctx, sp)])]
+    return generate
+
+
+@torch.inference_mode()
+def hf_turns(model, tokenizer, new_tokens: int):
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def generate(ctx: list[list[int]]) -> list[list[int]]:
+        width = max(len(c) for c in ctx)
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctx])
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctx])
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+        return out[:, width:].tolist()
+    return generate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 1 and 8, 32 new tokens")
@@ -86,6 +132,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true", help="engine only")
     ap.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE (see above)")
+    ap.add_argument("--episodes", type=int, default=8, help="agent-like workload: concurrent episodes")
+    ap.add_argument("--turns", type=int, default=4, help="agent-like workload: turns per episode (0 = skip it)")
+    ap.add_argument("--turn-tokens", type=int, default=32, help="agent-like workload: new tokens per turn")
     args = ap.parse_args()
     batches = args.batches or ([1, 8] if args.quick else [1, 8, 32])
     new_tokens = args.new_tokens or (32 if args.quick else 128)
@@ -99,7 +148,8 @@ def main() -> None:
     max_seq_len = max(len(p) for p in prompts) + new_tokens + 16
 
     t0 = time.perf_counter()
-    engine = CpuEngine(model_dir, max_batch_size=max(batches), max_seq_len=max_seq_len, num_threads=args.threads)
+    engine = CpuEngine(model_dir, max_batch_size=max(batches), max_seq_len=max_seq_len, num_threads=args.threads,
+                       min_prefix_reuse=0)
     engine_load_s = time.perf_counter() - t0
     hf = None if args.skip_hf else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
@@ -133,6 +183,34 @@ def main() -> None:
     print()
     print(f"engine load (weights + KV cache): {engine_load_s:.2f} s")
     print(f"weight update from disk: {update_s:.2f} s total, decoding paused {pause_s * 1e3:.0f} ms (in-place copy)")
+    if args.turns:
+        agent_workload(args, model_dir, tokenizer, hf)
+
+
+def agent_workload(args, model_dir, tokenizer, hf) -> None:
+    obs = tokenizer(OBSERVATION, add_special_tokens=False)["input_ids"]
+    starts = make_prompts(tokenizer, args.episodes)
+    longest = max(len(p) for p in starts) + args.turns * (args.turn_tokens + len(obs)) + 16
+    print(f"\nagent-like workload: {args.episodes} episodes x {args.turns} turns, {args.turn_tokens} new tokens a turn, "
+          f"a {len(obs)}-token observation after each; contexts up to {longest - 16} tokens")
+    print(f"| generator | tok/s | prompt tokens computed | ratio to HF |")
+    print(f"|---|---:|---:|---:|")
+    rows = []
+    for label, reuse in (("engine, prefix reuse on", 16), ("engine, prefix reuse off", 0)):
+        eng = CpuEngine(model_dir, max_batch_size=args.episodes, max_seq_len=longest, num_threads=args.threads,
+                        min_prefix_reuse=reuse)
+        # Warm-up on a prompt too short to be reused (below min_prefix_reuse).
+        multi_turn(engine_turns(eng, 2), [tokenizer("warm up")["input_ids"]], obs, 1, 2)
+        before = eng.stats["prefill_tokens"]
+        tps, _ = multi_turn(engine_turns(eng, args.turn_tokens), starts, obs, args.turns, args.turn_tokens)
+        rows.append((label, tps, eng.stats["prefill_tokens"] - before))
+        eng.shutdown()
+    if hf is not None:
+        tps, prompt_tokens = multi_turn(hf_turns(hf, tokenizer, args.turn_tokens), starts, obs, args.turns, args.turn_tokens)
+        rows.append(("HF generate", tps, prompt_tokens))
+    base = rows[-1][1] if hf is not None else float("nan")
+    for label, tps, computed in rows:
+        print(f"| {label} | {tps:.1f} | {computed} | {tps / base:.2f}x |")
 
 
 if __name__ == "__main__":

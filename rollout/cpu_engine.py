@@ -236,6 +236,9 @@ class CpuEngine:
     max_prefill_tokens: prompt tokens admitted per prefill (at least one prompt always is), so a
         burst of long prompts does not stall running decodes for too long.
     seed: seeds the engine generator that unseeded requests draw from.
+    min_prefix_reuse: a finished sequence's keys and values stay in a free slot, and a new
+        prompt that starts with at least this many of its tokens (the next turn of a multi-turn
+        episode) is prefilled only from there on; 0 = off.
     """
 
     def __init__(
@@ -247,6 +250,7 @@ class CpuEngine:
         dtype: str = "float32",
         max_prefill_tokens: int = 4096,
         seed: int = 0,
+        min_prefix_reuse: int = 16,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {', '.join(_DTYPES)}")
@@ -256,6 +260,8 @@ class CpuEngine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
+        self.min_prefix_reuse = min_prefix_reuse
+        self._kept: dict[int, tuple[list[int], int]] = {}  # free slot -> (tokens cached there, weight version)
         self.vocab_size = self.model.spec.vocab_size
         self.eos_token_ids = frozenset(_eos_token_ids(Path(model_path)))
         self._version = 0
@@ -266,7 +272,8 @@ class CpuEngine:
         self._sampling: SamplingBatch | None = None  # None = rebuild before the next decode
         self._stopped = False
         self._error: BaseException | None = None
-        self.stats = {"steps": 0, "prefills": 0, "prefill_tokens": 0, "generated_tokens": 0, "last_update_s": 0.0}
+        self.stats = {"steps": 0, "prefills": 0, "prefill_tokens": 0, "prefix_reused_tokens": 0, "generated_tokens": 0,
+                      "last_update_s": 0.0}
         self._thread = threading.Thread(target=self._run, name="cpu-engine", daemon=True)
         self._thread.start()
 
@@ -486,14 +493,23 @@ class CpuEngine:
         # values and the same last-token logits.
         # (A slot's weight_version is the one its prompt was computed with.)
         running = {tuple(s.prompt): i for i, s in enumerate(self._active) if s.weight_version == self._version}
+        batch, reuse = self._place_prefixes(batch, first, set(running))
         fresh: dict[tuple[int, ...], int] = {}
         source: list[tuple[bool, int]] = []  # (from a running slot, its index) or (False, batch index)
         for j, s in enumerate(batch):
             key = tuple(s.prompt)
             source.append((True, running[key]) if key in running else (False, fresh.setdefault(key, j)))
         compute = sorted(set(fresh.values()))
+        starts = [reuse[j][1] if j in reuse else 0 for j in compute]
         try:
-            new = self.model.prefill([batch[j].prompt for j in compute], [slots[j] for j in compute]) if compute else None
+            # A kept prefix is copied into its new slot before any prefill writes a slot.
+            for j, (src_slot, length) in reuse.items():
+                if src_slot != slots[j]:
+                    self.model.move_slot(src_slot, slots[j], length)
+            for slot in slots:
+                self._kept.pop(slot, None)
+            new = self.model.prefill([batch[j].prompt[st:] for j, st in zip(compute, starts, strict=True)],
+                                     [slots[j] for j in compute], starts) if compute else None
             row = {j: r for r, j in enumerate(compute)}
             rows = []
             for j, (is_running, src) in enumerate(source):
@@ -507,16 +523,56 @@ class CpuEngine:
             for s in batch:
                 _set_exception(s.future, EngineError(f"prefill failed: {type(e).__name__}: {e}"))
             return
-        self.stats["prefill_tokens"] += sum(len(batch[j].prompt) for j in compute)
+        self.stats["prefill_tokens"] += sum(len(batch[j].prompt) - st for j, st in zip(compute, starts, strict=True))
+        self.stats["prefix_reused_tokens"] += sum(st for st in starts)
         for j, s in enumerate(batch):
             s.length = len(s.prompt)
             s.weight_version = self._version
             s.prompt_logits = logits[j]
-            s.cached_tokens = 0 if source[j] == (False, j) else len(s.prompt)
+            s.cached_tokens = (reuse[j][1] if j in reuse else 0) if source[j] == (False, j) else len(s.prompt)
         self._active.extend(batch)
         self._sampling = None
         self.stats["prefills"] += 1
         self._sample_and_advance(logits, first)
+
+    def _place_prefixes(self, batch: list[_Seq], first: int, running: set[tuple[int, ...]]
+                        ) -> tuple[list[_Seq], dict[int, tuple[int, int]]]:
+        """Match prompts against the kept keys and values of finished sequences (``_kept``).
+
+        A prompt that starts with at least ``min_prefix_reuse`` tokens of a kept sequence
+        computed with the current weights (the next turn of an agent: its last context, the
+        reply and a new observation) is prefilled from there on. Returns the batch, reordered
+        so that a prompt whose kept prefix lies in the slots the batch fills gets that very slot
+        (no copy), and per batch index ``(slot holding the prefix, its length)``. Kept slots the
+        batch fills and does not use are dropped by the caller.
+        """
+        if not self._kept or self.min_prefix_reuse <= 0:
+            return batch, {}
+        best: dict[int, tuple[int, int]] = {}
+        for j, s in enumerate(batch):
+            if tuple(s.prompt) in running:
+                continue
+            # At least the prompt's last token is computed: its logits sample the first token.
+            cap = len(s.prompt) - 1
+            found = (0, -1)
+            for slot, (ids, version) in self._kept.items():
+                if version != self._version:
+                    continue
+                n = _common_prefix(s.prompt, ids, cap)
+                if n > found[0]:
+                    found = (n, slot)
+            if found[0] >= self.min_prefix_reuse:
+                best[j] = (found[1], found[0])
+        if not best:
+            return batch, {}
+        targets = range(first, first + len(batch))
+        at: dict[int, int] = {}  # target slot -> batch index that takes it (its prefix is there)
+        for j, (slot, _) in best.items():
+            if slot in targets and slot not in at:
+                at[slot] = j
+        rest = iter(j for j in range(len(batch)) if j not in at.values())
+        order = [at[t] if t in at else next(rest) for t in targets]
+        return [batch[j] for j in order], {k: best[j] for k, j in enumerate(order) if j in best}
 
     def _decode_step(self) -> None:
         """Feed every active slot its last token; sample the next one."""
@@ -564,16 +620,27 @@ class CpuEngine:
         return None
 
     def _retire(self, finished: list[int]) -> None:
-        """Free finished slots, moving the last active slot into each hole (highest first)."""
+        """Free finished slots, moving the last active slot into each hole (highest first).
+
+        With ``min_prefix_reuse``, a finished sequence's keys and values are kept in the slot
+        just past the active ones (swapped there), until a new request needs that slot or
+        continues them (``_place_prefixes``)."""
         if not finished:
             return
+        keep = self.min_prefix_reuse > 0
         for i in sorted(finished, reverse=True):
             last = len(self._active) - 1
+            done = self._active[i]
             if i != last:
                 moved = self._active[last]
-                self.model.move_slot(last, i, moved.length)
+                if keep:
+                    self.model.swap_slots(i, last, done.length, moved.length)
+                else:
+                    self.model.move_slot(last, i, moved.length)
                 self._active[i] = moved
             self._active.pop()
+            if keep:
+                self._kept[last] = ((done.prompt + done.output_ids)[: done.length], done.weight_version)
         self._sampling = None
 
     def _run_scores(self, items: list[_Score]) -> None:
@@ -622,6 +689,7 @@ class CpuEngine:
             _set_exception(item.future, EngineError(f"weight update failed: {e}"))
             return
         self._version = item.version
+        self._kept.clear()  # computed with the old weights (whatever the version numbers say)
         self.stats["last_update_s"] = time.perf_counter() - t0
         _set_result(item.future, None)
 
@@ -629,6 +697,7 @@ class CpuEngine:
         for s in list(self._active) + list(self._waiting):
             _set_exception(s.future, err)
         self._active.clear()
+        self._kept.clear()
         self._waiting.clear()
         while True:
             try:
@@ -638,6 +707,22 @@ class CpuEngine:
             for pending in item if isinstance(item, list) else [item]:
                 if pending is not _STOP:
                     _set_exception(pending.future, err)
+
+
+def _common_prefix(a: list[int], b: list[int], cap: int) -> int:
+    """Length of the common prefix of ``a`` and ``b``, at most ``cap`` (bisection over slice
+    comparisons, which run in C: prompts are thousands of tokens)."""
+    n = min(len(a), len(b), cap)
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _slice_sampling(sb: SamplingBatch, first: int) -> SamplingBatch:

@@ -31,6 +31,7 @@ class EngineServerActor:
         port: int = 0,
         dtype: str = "float32",
         seed: int = 0,
+        prefix_reuse_min_tokens: int = 16,
     ) -> None:
         self._handle: ServerHandle = start_engine_server(
             model_path,
@@ -41,6 +42,7 @@ class EngineServerActor:
             num_threads=num_threads,
             dtype=dtype,
             seed=seed,
+            min_prefix_reuse=prefix_reuse_min_tokens,
         )
         self._url = self._handle.url
         if host in ("0.0.0.0", ""):
@@ -94,6 +96,7 @@ def launch_cpu_engines(
             host=cfg.host,
             port=0,
             seed=seed + i,
+            prefix_reuse_min_tokens=cfg.prefix_reuse_min_tokens,
         )
         for i in range(cfg.num_engines)
     ]

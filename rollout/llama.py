@@ -363,32 +363,51 @@ class LlamaModel:
     # ----------------------------------------------------------------- forward paths
 
     @torch.inference_mode()
-    def hidden_packed(self, seqs: list[list[int]], slots: list[int] | None = None) -> torch.Tensor:
-        """Hidden states ``[sum T_i, E]`` of sequences packed end to end, each at positions 0..T_i-1.
+    def hidden_packed(self, seqs: list[list[int]], slots: list[int] | None = None,
+                      starts: list[int] | None = None) -> torch.Tensor:
+        """Hidden states ``[sum T_i, E]`` of sequences packed end to end, each at positions
+        ``starts[i]..starts[i]+T_i-1`` (default 0..).
 
         Projections and MLP run on all tokens at once; attention runs per sequence. With
-        ``slots``, sequence i's keys/values are written to ``cache[:, slots[i], :, :T_i]``.
+        ``slots``, sequence i's keys/values are written to ``cache[:, slots[i], :, start:start+T_i]``
+        and a sequence with ``starts[i] > 0`` continues the keys and values already cached at
+        ``0..starts[i]-1`` of its slot (a prefix computed before: it attends to them too).
         """
-        self._check_lengths(seqs)
+        starts = starts or [0] * len(seqs)
+        if slots is None and any(starts):
+            raise ValueError("starts > 0 continue a cached prefix: they need slots")
         lens = [len(t) for t in seqs]
+        self._check_lengths([st + n for st, n in zip(starts, lens, strict=True)])
         tokens = torch.tensor([tok for t in seqs for tok in t], dtype=torch.long)
-        pos = torch.cat([self._positions[:n] for n in lens])
+        pos = torch.cat([self._positions[st : st + n] for st, n in zip(starts, lens, strict=True)])
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
         x = self.embed[tokens]
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
             outs = []
-            start = 0
-            for i, n in enumerate(lens):
-                qi, ki, vi = q[start : start + n], k[start : start + n], v[start : start + n]
+            offset = 0
+            for i, (st, n) in enumerate(zip(starts, lens, strict=True)):
+                qi, ki, vi = q[offset : offset + n], k[offset : offset + n], v[offset : offset + n]
                 if slots is not None:
-                    self.k_cache[li, slots[i], :, :n] = ki.transpose(0, 1)
-                    self.v_cache[li, slots[i], :, :n] = vi.transpose(0, 1)
-                outs.append(self._causal_attention(qi, ki, vi))
-                start += n
+                    self.k_cache[li, slots[i], :, st : st + n] = ki.transpose(0, 1)
+                    self.v_cache[li, slots[i], :, st : st + n] = vi.transpose(0, 1)
+                if st:
+                    outs.append(self._prefix_attention(qi, self.k_cache[li, slots[i], :, : st + n],
+                                                       self.v_cache[li, slots[i], :, : st + n], st))
+                else:
+                    outs.append(self._causal_attention(qi, ki, vi))
+                offset += n
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = self._mlp_residual(layer, x, attn)
         return x
+
+    def _prefix_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """q ``[T, H, D]`` of the tokens at ``start..start+T-1``, k/v ``[Hkv, start+T, D]`` (the
+        cached prefix and those tokens) -> ``[T, H*D]``: query i sees keys ``0..start+i``."""
+        t = q.shape[0]
+        allowed = self._positions[: start + t][None, :] <= (self._positions[:t] + start)[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=allowed, enable_gqa=True)
+        return out.transpose(0, 1).reshape(t, -1)
 
     @torch.inference_mode()
     def forward(self, token_ids: list[int]) -> torch.Tensor:
@@ -403,9 +422,10 @@ class LlamaModel:
         return list(logits.split([len(t) for t in seqs]))
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Fill the cache of ``slots[i]`` with ``prompts[i]``; return last-token logits ``[n, V]``."""
-        h = self.hidden_packed(prompts, slots=slots)
+    def prefill(self, prompts: list[list[int]], slots: list[int], starts: list[int] | None = None) -> torch.Tensor:
+        """Fill the cache of ``slots[i]`` with ``prompts[i]`` (at positions ``starts[i]..``, after a
+        prefix already cached there); return last-token logits ``[n, V]``."""
+        h = self.hidden_packed(prompts, slots=slots, starts=starts)
         last = torch.tensor(list(_cumsum(len(p) for p in prompts)), dtype=torch.long) - 1
         return self.logits(h[last])
 
@@ -452,10 +472,21 @@ class LlamaModel:
         self.k_cache[:, dst, :, :length].copy_(self.k_cache[:, src, :, :length])
         self.v_cache[:, dst, :, :length].copy_(self.v_cache[:, src, :, :length])
 
-    def _check_lengths(self, seqs: Iterable[list[int]]) -> None:
-        for t in seqs:
-            if not 0 < len(t) <= self.max_seq_len:
-                raise ValueError(f"sequence of {len(t)} tokens: must be 1..{self.max_seq_len} (max_seq_len)")
+    @torch.inference_mode()
+    def swap_slots(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Exchange the first ``length_a`` cached positions of slot ``a`` with the first
+        ``length_b`` of slot ``b`` (all layers): a finished sequence's keys and values kept
+        beyond the active slots while the last active slot fills its hole."""
+        keep_k = self.k_cache[:, a, :, :length_a].clone()
+        keep_v = self.v_cache[:, a, :, :length_a].clone()
+        self.move_slot(b, a, length_b)
+        self.k_cache[:, b, :, :length_a].copy_(keep_k)
+        self.v_cache[:, b, :, :length_a].copy_(keep_v)
+
+    def _check_lengths(self, lengths: Iterable[int]) -> None:
+        for n in lengths:
+            if not 0 < n <= self.max_seq_len:
+                raise ValueError(f"sequence of {n} tokens: must be 1..{self.max_seq_len} (max_seq_len)")
 
 
 def _cumsum(xs: Iterable[int]) -> Iterable[int]:

@@ -439,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--num-threads", type=int, default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--prefix-reuse-min-tokens", type=int, default=16,
+                    help="continue a finished sequence's cached prefix when a prompt starts with this many of its tokens (0 = off)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     serve(
@@ -449,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         max_seq_len=args.max_seq_len,
         num_threads=args.num_threads,
         dtype=args.dtype,
+        min_prefix_reuse=args.prefix_reuse_min_tokens,
     )
 
 

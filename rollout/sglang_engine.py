@@ -507,7 +507,8 @@ def launch_engines(cfg: Any, model_path: str, log_dir: str, placement: Any = Non
 
         def spawn(i: int, path: str | None = None, version: int | None = None, port: int = 0) -> Any:
             actor = actor_cls.remote(str(path or model_path), max_batch_size=e.max_batch_size, max_seq_len=e.max_seq_len,
-                                     num_threads=threads, host=e.host, port=port, seed=seed + i)
+                                     num_threads=threads, host=e.host, port=port, seed=seed + i,
+                                     prefix_reuse_min_tokens=e.prefix_reuse_min_tokens)
             if version is not None:  # tag the reloaded weights with the version they are
                 ray.get(actor.update_weights.remote(str(path or model_path), int(version)))
             return actor

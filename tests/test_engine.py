@@ -143,6 +143,37 @@ def test_forward_prefill_decode_equal_hf(model_dirs, variant):
             torch.testing.assert_close(torch.log_softmax(logits[i], -1), ref[i][pos[i]], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["llama_tied", "qwen3_qknorm"])
+def test_prefill_after_a_cached_prefix_equals_hf(model_dirs, variant):
+    """A prompt prefilled at positions 20.. of a slot that holds its first 20 tokens (copied
+    from another slot), packed with a fresh prompt: the same logits as HF on the whole, the
+    same cache as a whole prefill, and decoding goes on equal. swap_slots exchanges two
+    slots' prefixes exactly."""
+    hf = _hf(model_dirs[variant])
+    model = LlamaModel.from_pretrained(model_dirs[variant], max_batch_size=4, max_seq_len=64)
+    g = torch.Generator().manual_seed(3)
+    full = torch.randint(0, model.spec.vocab_size, (30,), generator=g).tolist()
+    other = torch.randint(0, model.spec.vocab_size, (12,), generator=g).tolist()
+    ref = _hf_logprobs(hf, full)
+    model.prefill([full], slots=[0])
+    model.prefill([full[:20]], slots=[3])
+    model.move_slot(3, 2, 20)
+    logits = model.prefill([full[20:], other], slots=[2, 1], starts=[20, 0])
+    torch.testing.assert_close(torch.log_softmax(logits[0], -1), ref[29], atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.log_softmax(logits[1], -1), _hf_logprobs(hf, other)[11], atol=ATOL, rtol=0)
+    torch.testing.assert_close(model.k_cache[:, 2, :, :30], model.k_cache[:, 0, :, :30], atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.v_cache[:, 2, :, :30], model.v_cache[:, 0, :, :30], atol=1e-5, rtol=0)
+    step = model.decode(torch.tensor([7, other[0], 7]), torch.tensor([30, 12, 30]))
+    torch.testing.assert_close(step[2], step[0], atol=1e-4, rtol=0)
+    before0, before2 = model.k_cache[:, 0, :, :30].clone(), model.k_cache[:, 1, :, :13].clone()
+    model.swap_slots(0, 1, 30, 13)
+    assert torch.equal(model.k_cache[:, 1, :, :30], before0) and torch.equal(model.k_cache[:, 0, :, :13], before2)
+    with pytest.raises(ValueError, match="need slots"):
+        model.hidden_packed([full[20:]], starts=[20])
+    with pytest.raises(ValueError, match="must be 1..64"):
+        model.prefill([full], slots=[0], starts=[40])
+
+
 def test_spec_reads_variant_flags(model_dirs):
     q2 = LlamaSpec.from_hf_config(read_hf_config(model_dirs["qwen2_bias"]))
     q3 = LlamaSpec.from_hf_config(read_hf_config(model_dirs["qwen3_qknorm"]))
@@ -460,3 +491,52 @@ def test_a_running_prompt_from_older_weights_is_computed_again(tiny_dir):
         long_fut.result()
     finally:
         eng.shutdown()
+
+
+def _multi_turn(eng, turns: int = 3, update_before: int | None = None, tiny_dir=None):
+    """Three concurrent episodes: each turn's prompt is the last one + its reply + an
+    observation; replies of different lengths, so sequences finish (and swap slots) apart."""
+    base = list(range(4, 24))  # 20 tokens every episode starts with
+    ctx = [base + [30 + i] for i in range(3)]
+    turns_out = []
+    for turn in range(turns):
+        if turn == update_before:
+            eng.submit_weights(read_safetensors(tiny_dir), version=turn).result()
+        comps = eng.generate_many([_req(c, max_new_tokens=3 + 2 * i, temperature=1.0, seed=100 * turn + i, ignore_eos=True)
+                                   for i, c in enumerate(ctx)])
+        turns_out.append((ctx, comps))
+        ctx = [c + comp.output_ids + [9, 10, 11] for c, comp in zip(ctx, comps, strict=True)]
+    return turns_out
+
+
+def test_the_next_turn_continues_the_kept_prefix(tiny_dir):
+    """Reuse on: a turn prefills only what its episode's finished sequence does not hold (the
+    prompt, the reply but its last token, which was never fed), and tokens and logprobs equal
+    an engine with reuse off; after a weight update nothing kept is reused."""
+    on = CpuEngine(tiny_dir, max_batch_size=4, max_seq_len=128, min_prefix_reuse=16)
+    off = CpuEngine(tiny_dir, max_batch_size=4, max_seq_len=128, min_prefix_reuse=0)
+    try:
+        got, want = _multi_turn(on), _multi_turn(off)
+        for (ctx, a), (_, b) in zip(got, want, strict=True):
+            for x, y in zip(a, b, strict=True):
+                assert x.output_ids == y.output_ids
+                torch.testing.assert_close(torch.tensor(x.output_logprobs), torch.tensor(y.output_logprobs),
+                                           atol=1e-5, rtol=0)
+        assert [c.cached_tokens for c in got[0][1]] == [0, 0, 0]
+        for (prev_ctx, prev), (ctx, now) in zip(got, got[1:]):
+            assert [c.cached_tokens for c in now] == [len(p) + len(c.output_ids) - 1 for p, c in zip(prev_ctx, prev)]
+        assert all(c.cached_tokens == 0 for _, off_turn in want for c in off_turn)
+        total = sum(len(c) for ctx, _ in want for c in ctx)
+        assert off.stats["prefill_tokens"] == total and off.stats["prefix_reused_tokens"] == 0
+        reused = sum(c.cached_tokens for _, comps in got for c in comps)
+        assert on.stats["prefill_tokens"] == total - reused and on.stats["prefix_reused_tokens"] == reused > 0
+        again = CpuEngine(tiny_dir, max_batch_size=4, max_seq_len=128, min_prefix_reuse=16)
+        try:
+            after = _multi_turn(again, turns=2, update_before=1, tiny_dir=tiny_dir)
+            assert [c.cached_tokens for c in after[1][1]] == [0, 0, 0]
+            assert [c.weight_version for c in after[1][1]] == [1, 1, 1]
+        finally:
+            again.shutdown()
+    finally:
+        on.shutdown()
+        off.shutdown()

@@ -4,10 +4,10 @@ same data order as an uninterrupted one without storing more than a cursor.
 
 from __future__ import annotations
 
+import inspect
 import random
 import zlib
 from pathlib import Path
-import inspect
 from typing import Any
 
 from relayrl.config import ConfigError, EnvConfig

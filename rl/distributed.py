@@ -18,6 +18,14 @@ import torch
 import torch.distributed as dist
 
 
+def replica_of(rank: int, world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> int:
+    """The data-parallel replica (data shard) of global ``rank`` in megatron-core's rank order
+    (``tp-cp-ep-dp-pp``: TP fastest, then CP, then DP, the pipeline stage slowest):
+    ``(rank // (tp cp)) % dp`` with ``dp = world_size / (tp cp pp)``. All TP ranks, CP ranks and
+    stages of a replica see its samples; with all sizes 1, every rank is its own replica."""
+    return (rank // (tp * cp)) % (world_size // (tp * cp * pp))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (the usual bind-to-0 trick; racy but fine locally)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -91,15 +91,13 @@ def check_megatron_available(model_path: str | None = None, tp: int = 1, pp: int
     if importlib.util.find_spec("megatron.core") is None:
         raise ConfigError("trainer.backend: 'megatron' needs megatron-core; install the extra with "
                           "pip install -c constraints.txt 'relayrl[megatron]' (or use trainer.backend=deepspeed)")
+    from .megatron_backend import _require_device, cp_needs_te
+
     if cp > 1:
         import torch
 
         if not (torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None):
-            raise ConfigError(f"trainer.megatron.context_parallel_size={cp}: context parallel needs Transformer "
-                              "Engine on CUDA GPUs (megatron-core splits the sequence only in TE's attention), and "
-                              "this machine has no CUDA or no transformer_engine; install transformer_engine on the "
-                              "GPU nodes, or set trainer.megatron.context_parallel_size=1")
-    from .megatron_backend import _require_device
+            raise ConfigError(cp_needs_te(cp))
 
     try:
         _require_device()

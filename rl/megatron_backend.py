@@ -97,6 +97,7 @@ import torch.distributed as dist
 
 from relayrl.config import ConfigError, OptimConfig, TrainerConfig
 from relayrl.rl import distributed
+from relayrl.rl.distributed import replica_of  # noqa: F401  (part of this module's API)
 from relayrl.rl.backend import LossFn, MicroBatch, Role, Sample
 from relayrl.rl.deepspeed_backend import (
     _as_dtype,
@@ -162,14 +163,6 @@ def pack_index(lengths: list[int], T: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = [torch.arange(n) + j * T for j, n in enumerate(lengths)]
     flat_padded = torch.cat(rows)
     return flat_padded, torch.arange(flat_padded.shape[0])
-
-
-def replica_of(rank: int, world_size: int, tp: int, pp: int, cp: int = 1) -> int:
-    """The data-parallel replica (data shard) of global ``rank`` in megatron-core's rank order
-    (``tp-cp-ep-dp-pp``: TP fastest, then CP, then DP, the pipeline stage slowest):
-    ``(rank // (tp cp)) % dp`` with ``dp = world_size / (tp cp pp)``. All TP ranks, CP ranks and
-    stages of a replica see its samples."""
-    return (rank // (tp * cp)) % (world_size // (tp * cp * pp))
 
 
 # ----------------------------------------------------------------------------- context parallel
@@ -302,6 +295,20 @@ def next_token_logprobs_and_entropy(fn, logits: torch.Tensor, targets: torch.Ten
     lp, ent = fn(logits[None], torch.cat([zero, targets[:-1]])[None])
     lp_last, ent_last = fn(logits[-1:].expand(2, -1)[None], torch.cat([zero, targets[-1:]])[None])
     return torch.cat([lp[0, 1:], lp_last[0, 1:]]), torch.cat([ent[0, 1:], ent_last[0, 1:]])
+
+
+def cp_needs_te(cp: int) -> str:
+    """The error for context parallel where Transformer Engine or CUDA is missing."""
+    return (f"trainer.megatron.context_parallel_size={cp}: context parallel needs Transformer Engine on CUDA "
+            "GPUs (megatron-core splits the sequence only in TE's attention), and this machine has no CUDA or no "
+            "transformer_engine; install transformer_engine on the GPU nodes, or set "
+            "trainer.megatron.context_parallel_size=1")
+
+
+def _loss_record(loss: torch.Tensor, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A micro-batch's loss and metrics as plain floats (what a step sums)."""
+    return {"loss": float(loss.detach()),
+            "metrics": {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}}
 
 
 def _require_device() -> None:
@@ -475,10 +482,7 @@ class MegatronBackend:
 
         self.te = use_transformer_engine(trainer_cfg.megatron.transformer_engine)
         if self.cp > 1 and not self.te:
-            raise ConfigError(f"trainer.megatron.context_parallel_size={self.cp}: context parallel needs "
-                              "Transformer Engine on CUDA GPUs (megatron-core splits the sequence only in TE's "
-                              "attention) and this process has no CUDA or no transformer_engine; install it on "
-                              "GPU nodes, or set trainer.megatron.context_parallel_size=1")
+            raise ConfigError(cp_needs_te(self.cp))
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
         self.spec = arch_from_hf_config(self.hf_config)
         check_pp(self.spec, self.pp)
@@ -692,7 +696,6 @@ class MegatronBackend:
         padded = out.new_zeros(b * T, out.shape[-1]).index_copy(0, to_padded, out)
         return padded.reshape(b, T, -1)
 
-
     def _width(self) -> int:
         if self.role == "critic":
             return 1
@@ -775,8 +778,7 @@ class MegatronBackend:
                         results.append({k: v.cpu() for k, v in outputs.items()})
                         return out.new_zeros(()), one, None
                     loss, metrics = loss_fn(outputs, mb)
-                    results.append({"loss": float(loss.detach()), "metrics": {
-                        k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in metrics.items()}})
+                    results.append(_loss_record(loss, metrics))
                     return loss, one, None
 
                 return out, on_last_stage
@@ -824,19 +826,19 @@ class MegatronBackend:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         if self.pp > 1:
-            for r in self._pipeline([collate([samples[i] for i in idx], self.device) for idx in plan],
-                                    temperature, loss_fn):
-                loss_sum += r["loss"]
-                for name, value in r["metrics"].items():
-                    sums[name] += value
+            records = self._pipeline([collate([samples[i] for i in idx], self.device) for idx in plan],
+                                     temperature, loss_fn)
         else:
+            records = []
             for idx in plan:
                 mb = collate([samples[i] for i in idx], self.device)
                 loss, metrics = loss_fn(self._forward(mb, temperature), mb)
                 loss.backward()
-                loss_sum += float(loss.detach())
-                for name, value in metrics.items():
-                    sums[name] += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+                records.append(_loss_record(loss, metrics))
+        for r in records:
+            loss_sum += r["loss"]
+            for name, value in r["metrics"].items():
+                sums[name] += value
         self._reduce_grads()
         grad_norm = self._grad_norm()
         clip = self.optim_cfg.grad_clip

@@ -73,13 +73,14 @@ def data_parallel_ranks(world_size: int, trainer_cfg: TrainerConfig) -> list[int
     """Per global rank, the data shard it trains on. DeepSpeed ranks each get one. Megatron: the
     tensor-parallel ranks, context-parallel ranks and pipeline stages of one model replica share
     its shard; in megatron-core's rank order (TP fastest, then CP, then data parallel, the stage
-    slowest) rank ``r`` is in replica ``(r // (tp cp)) % dp`` (``rl.megatron_backend.replica_of``)."""
+    slowest) rank ``r`` is in replica ``(r // (tp cp)) % dp`` (``rl.distributed.replica_of``)."""
+    from relayrl.rl.distributed import replica_of
+
     if trainer_cfg.backend != "megatron":
         return list(range(world_size))
     m = trainer_cfg.megatron
-    tp, pp, cp = m.tensor_parallel_size, m.pipeline_parallel_size, m.context_parallel_size
-    dp = world_size // (tp * cp * pp)
-    return [(r // (tp * cp)) % dp for r in range(world_size)]
+    return [replica_of(r, world_size, m.tensor_parallel_size, m.pipeline_parallel_size, m.context_parallel_size)
+            for r in range(world_size)]
 
 
 @ray.remote
@@ -238,12 +239,7 @@ class TrainerGroup:
     def _reporting(self) -> list[bool]:
         """Whether a rank's results count: the first rank of each data shard (with megatron, TP
         rank 0 of the first pipeline stage; every rank of a replica returns the same results)."""
-        seen: set[int] = set()
-        out = []
-        for shard in self.dp_ranks:
-            out.append(shard not in seen)
-            seen.add(shard)
-        return out
+        return [self.dp_ranks.index(shard) == r for r, shard in enumerate(self.dp_ranks)]
 
     def _gather_per_sample(self, samples: list[Sample], method: str, *args: Any) -> list[torch.Tensor]:
         shards = self._shards(samples)

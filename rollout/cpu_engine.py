@@ -71,20 +71,23 @@ class SamplingBatch:
     truncate: bool
     all_greedy: bool
     generators: list[torch.Generator]
+    unit_temperature: bool = False  # every row at T = 1 (greedy rows count as 1): no division
 
     @classmethod
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator], vocab: int) -> "SamplingBatch":
         greedy = [p.temperature < _GREEDY_EPS for p in params]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
+        temperature = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
         return cls(
-            temperature=torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)]),
+            temperature=torch.tensor(temperature),
             greedy=torch.tensor(greedy),
             top_p=torch.tensor(top_p),
             top_k=torch.tensor(top_k),
             truncate=any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p),
             all_greedy=all(greedy),
             generators=generators,
+            unit_temperature=all(t == 1.0 for t in temperature),
         )
 
 
@@ -141,26 +144,37 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
 
     - no ``log_softmax`` of the whole row: the logprob of the one sampled token is
       ``z[tok] - max(z) - log(sum(exp(z - max(z))))`` with ``z = logits / T``;
-    - a two-level CDF instead of a float64 cumsum of all V entries: float64 sums of blocks of
-      ``_CDF_BLOCK`` unnormalised probabilities, their cumsum picks the block, and only that
-      block is cumsummed to pick the token. Both CDFs are float64 sums of the same float32
-      terms, so they agree except within rounding (~1e-16 of the row mass) of a boundary.
+    - a two-level CDF instead of a float64 cumsum of all V entries: sums of blocks of
+      ``_CDF_BLOCK`` unnormalised probabilities (float32 pairwise sums of terms in [0, 1], so
+      relative error ~1e-7, without converting the ``[n, V]`` row to float64 first: that copy
+      alone was two thirds of the sampler's time), their float64 cumsum picks the block, and
+      only that block is cumsummed in float64 to pick the token. The CDFs of the two functions
+      differ by rounding only (~1e-7 of the row mass), so they pick the same token except for a
+      draw within that distance of a boundary;
+    - no division by a temperature that is 1 on every row;
     - argmax only where a row is greedy.
     """
-    z = logits.float() / batch.temperature[:, None]
+    z = logits.float()
+    if not batch.unit_temperature:
+        z = z / batch.temperature[:, None]
     if batch.all_greedy:
         tokens = z.argmax(dim=-1)
         return tokens, z.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
     n, v = z.shape
     zmax = z.amax(dim=-1, keepdim=True)
     weights = (z - zmax).exp_()  # unnormalised probabilities
-    log_mass = weights.sum(dim=-1, dtype=torch.float64).log().float()
+    pad = -v % _CDF_BLOCK
+
+    def block_sums(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = (torch.nn.functional.pad(w, (0, pad)) if pad else w).view(n, -1, _CDF_BLOCK)
+        return blocks, blocks.sum(dim=-1).double().cumsum(dim=-1)
+
+    blocks, block_cdf = block_sums(weights)
+    log_mass = block_cdf[:, -1].log().float()  # the logprob is before truncation
     if batch.truncate:
         rows = (batch.top_k < v) | (batch.top_p < 1.0)
         weights[rows] = truncate_probs(weights[rows] / weights[rows].sum(-1, keepdim=True), batch.top_p[rows], batch.top_k[rows])
-    pad = -v % _CDF_BLOCK
-    blocks = (torch.nn.functional.pad(weights, (0, pad)) if pad else weights).view(n, -1, _CDF_BLOCK)
-    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)
+        blocks, block_cdf = block_sums(weights)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in batch.generators])
     target = (u * block_cdf[:, -1])[:, None]
     b = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)
@@ -220,6 +234,11 @@ class _Score:
 class _Update:
     state: dict[str, torch.Tensor]
     version: int
+    future: Future
+
+
+@dataclass
+class _Flush:
     future: Future
 
 
@@ -319,6 +338,13 @@ class CpuEngine:
         """Queue an in-place weight update from an HF state dict; applied between steps."""
         fut: Future = Future()
         self._put(_Update(state, int(version), fut))
+        return fut
+
+    def flush_cache(self) -> Future:
+        """Queue dropping every kept prefix (the keys and values of finished sequences); running
+        and waiting requests are untouched. Resolves to the number of kept slots dropped."""
+        fut: Future = Future()
+        self._put(_Flush(fut))
         return fut
 
     def load_weights(self, path: str | Path, version: int) -> float:
@@ -454,6 +480,9 @@ class CpuEngine:
                 self._run_scores(scores)
                 scores = []
                 self._apply_update(item)
+            elif isinstance(item, _Flush):
+                _set_result(item.future, len(self._kept))
+                self._kept.clear()
         self._run_scores(scores)
         return True
 
@@ -500,7 +529,8 @@ class CpuEngine:
             key = tuple(s.prompt)
             source.append((True, running[key]) if key in running else (False, fresh.setdefault(key, j)))
         compute = sorted(set(fresh.values()))
-        starts = [reuse[j][1] if j in reuse else 0 for j in compute]
+        starts = {j: reuse[j][1] if j in reuse else 0 for j in compute}
+        shared = self._shared_prefixes(batch, compute, starts)
         try:
             # A kept prefix is copied into its new slot before any prefill writes a slot.
             for j, (src_slot, length) in reuse.items():
@@ -508,32 +538,69 @@ class CpuEngine:
                     self.model.move_slot(src_slot, slots[j], length)
             for slot in slots:
                 self._kept.pop(slot, None)
-            new = self.model.prefill([batch[j].prompt[st:] for j, st in zip(compute, starts, strict=True)],
-                                     [slots[j] for j in compute], starts) if compute else None
-            row = {j: r for r, j in enumerate(compute)}
+            # Two passes when prompts of the batch share a prefix: the leaders whole, then each
+            # follower from the end of the prefix it shares with its leader (copied over first).
+            new: dict[int, torch.Tensor] = {}
+            for part in ([j for j in compute if j not in shared], [j for j in compute if j in shared]):
+                if not part:
+                    continue
+                for j in part:
+                    if j in shared:
+                        leader, starts[j] = shared[j]
+                        self.model.move_slot(slots[leader], slots[j], starts[j])
+                out = self.model.prefill([batch[j].prompt[starts[j]:] for j in part], [slots[j] for j in part],
+                                         [starts[j] for j in part])
+                new.update(zip(part, out))
             rows = []
             for j, (is_running, src) in enumerate(source):
                 src_slot = src if is_running else slots[src]
                 if src_slot != slots[j]:
                     self.model.move_slot(src_slot, slots[j], len(batch[j].prompt))
-                rows.append(self._active[src].prompt_logits if is_running else new[row[src]])
+                rows.append(self._active[src].prompt_logits if is_running else new[src])
             logits = torch.stack(rows)
         except Exception as e:  # noqa: BLE001 - only this batch fails; running decodes go on
             log.exception("prefill failed")
             for s in batch:
                 _set_exception(s.future, EngineError(f"prefill failed: {type(e).__name__}: {e}"))
             return
-        self.stats["prefill_tokens"] += sum(len(batch[j].prompt) - st for j, st in zip(compute, starts, strict=True))
-        self.stats["prefix_reused_tokens"] += sum(st for st in starts)
+        self.stats["prefill_tokens"] += sum(len(batch[j].prompt) - st for j, st in starts.items())
+        self.stats["prefix_reused_tokens"] += sum(starts.values())
         for j, s in enumerate(batch):
             s.length = len(s.prompt)
             s.weight_version = self._version
             s.prompt_logits = logits[j]
-            s.cached_tokens = (reuse[j][1] if j in reuse else 0) if source[j] == (False, j) else len(s.prompt)
+            s.cached_tokens = starts[j] if source[j] == (False, j) else len(s.prompt)
         self._active.extend(batch)
         self._sampling = None
         self.stats["prefills"] += 1
         self._sample_and_advance(logits, first)
+
+    def _shared_prefixes(self, batch: list[_Seq], compute: list[int], starts: dict[int, int]
+                         ) -> dict[int, tuple[int, int]]:
+        """Prompts of one batch that share a prefix (a system prompt, a task's instructions):
+        batch index of a follower -> (its leader's batch index, the prefix length).
+
+        A prompt is a follower if it starts with at least ``min_prefix_reuse`` tokens of an
+        earlier leader, and more of them than any kept prefix gives it (``starts``); otherwise
+        it leads. Leaders are computed whole first, and a follower's keys and values for the
+        shared prefix are copied from its leader's slot.
+        """
+        if self.min_prefix_reuse <= 0:
+            return {}
+        leaders: list[int] = []
+        shared: dict[int, tuple[int, int]] = {}
+        for j in compute:
+            prompt = batch[j].prompt
+            best, leader = max(starts[j], self.min_prefix_reuse - 1), -1
+            for other in leaders:
+                n = _common_prefix(prompt, batch[other].prompt, len(prompt) - 1, self.min_prefix_reuse)
+                if n > best:
+                    best, leader = n, other
+            if leader >= 0:
+                shared[j] = (leader, best)
+            else:
+                leaders.append(j)
+        return shared
 
     def _place_prefixes(self, batch: list[_Seq], first: int, running: set[tuple[int, ...]]
                         ) -> tuple[list[_Seq], dict[int, tuple[int, int]]]:
@@ -558,7 +625,7 @@ class CpuEngine:
             for slot, (ids, version) in self._kept.items():
                 if version != self._version:
                     continue
-                n = _common_prefix(s.prompt, ids, cap)
+                n = _common_prefix(s.prompt, ids, cap, self.min_prefix_reuse)
                 if n > found[0]:
                     found = (n, slot)
             if found[0] >= self.min_prefix_reuse:
@@ -709,10 +776,13 @@ class CpuEngine:
                     _set_exception(pending.future, err)
 
 
-def _common_prefix(a: list[int], b: list[int], cap: int) -> int:
+def _common_prefix(a: list[int], b: list[int], cap: int, need: int = 0) -> int:
     """Length of the common prefix of ``a`` and ``b``, at most ``cap`` (bisection over slice
-    comparisons, which run in C: prompts are thousands of tokens)."""
+    comparisons, which run in C: prompts are thousands of tokens); 0 at once if their first
+    ``need`` tokens differ (the cheap rejection of most pairs)."""
     n = min(len(a), len(b), cap)
+    if n < need or a[:need] != b[:need]:
+        return 0
     if a[:n] == b[:n]:
         return n
     lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
@@ -734,6 +804,7 @@ def _slice_sampling(sb: SamplingBatch, first: int) -> SamplingBatch:
         truncate=sb.truncate,
         all_greedy=bool(sb.greedy[first:].all()),
         generators=sb.generators[first:],
+        unit_temperature=bool((sb.temperature[first:] == 1.0).all()),
     )
 
 

@@ -16,7 +16,8 @@ request and response shapes, so the same client drives this server and a real SG
 - ``POST /update_weights_from_disk`` ``{"model_path", "weight_version"}`` -> ``{"success",
   "message", "num_paused_requests"}``; the engine keeps decoding in-flight requests with the
   new weights (SGLang without ``abort_all_requests``).
-- ``POST /flush_cache``: there is no prefix cache; succeeds at once.
+- ``POST /flush_cache``: drops the engine's kept prefixes (the keys and values finished
+  sequences leave for a next turn to continue); running requests go on.
 - ``POST /init_weights_update_group`` ``{"master_address", "master_port", "rank_offset",
   "world_size", "group_name", "backend"}``, ``POST /update_weights_from_distributed``
   ``{"names", "dtypes", "shapes", "group_name", "weight_version"}`` (the tensors arrive by
@@ -149,7 +150,8 @@ class EngineServer:
         return web.json_response({"weight_version": self._version()})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
-        return web.Response(status=200, text="Cache flushed (the CPU engine keeps no prefix cache).")
+        dropped = await asyncio.wrap_future(self.engine.flush_cache())
+        return web.Response(status=200, text=f"Cache flushed ({dropped} kept prefixes dropped).")
 
     # ------------------------------------------------------------------ generate
 

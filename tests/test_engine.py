@@ -21,7 +21,7 @@ import torch
 from relayrl.model import make_tiny_model
 from relayrl.rollout.cpu_engine import CpuEngine, SamplingBatch, sample, sample_reference, truncate_probs
 from relayrl.rollout.engine import Completion, Engine, EngineError, GenerateRequest, SamplingParams
-from relayrl.rollout.llama import LlamaModel, LlamaSpec, read_hf_config, read_safetensors
+from relayrl.rollout.llama import LlamaModel, LlamaSpec, onednn_packing_available, read_hf_config, read_safetensors
 
 # Logprobs of a ~40-token vocabulary are O(1); fp32 paths that differ only in summation order
 # agree to ~1e-6, so 1e-4 catches any real deviation (a wrong bias, rope or mask moves them by >1e-2).
@@ -117,13 +117,19 @@ def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 # ----------------------------------------------------------------------------- equivalence with HF
 
 
+@pytest.mark.parametrize("prepack", [
+    pytest.param(True, marks=pytest.mark.skipif(not onednn_packing_available(), reason="torch built without oneDNN")),
+    False])
 @pytest.mark.parametrize("variant", ["llama_tied", "llama3_rope_untied", "qwen2_bias", "qwen3_qknorm"])
-def test_forward_prefill_decode_equal_hf(model_dirs, variant):
-    """Full forward, packed prefill of 3 prompts and 6 batched decode steps vs HF logprobs."""
+def test_forward_prefill_decode_equal_hf(model_dirs, variant, prepack):
+    """Full forward, packed prefill of 4 prompts and 6 batched decode steps vs HF logprobs;
+    with the linears on oneDNN pre-packed weights (fused residual adds and SwiGLU) and on
+    plain ``F.linear`` (the reference)."""
     hf = _hf(model_dirs[variant])
-    model = LlamaModel.from_pretrained(model_dirs[variant], max_batch_size=3, max_seq_len=64)
+    model = LlamaModel.from_pretrained(model_dirs[variant], max_batch_size=4, max_seq_len=64, prepack_weights=prepack)
+    assert model.prepack_weights is prepack
     vocab = model.spec.vocab_size
-    seqs = [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 17, 9)]
+    seqs = [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 17, 9, 12)]
     ref = [_hf_logprobs(hf, s) for s in seqs]
 
     for s, r in zip(seqs, ref):
@@ -131,15 +137,16 @@ def test_forward_prefill_decode_equal_hf(model_dirs, variant):
         torch.testing.assert_close(got, r, atol=ATOL, rtol=0)
 
     # Prefill different-length prefixes, then decode the rest of each sequence in one batch.
-    prefix = [5, 3, 2]
-    logits = model.prefill([s[:p] for s, p in zip(seqs, prefix)], slots=[0, 1, 2])
+    # Four rows: the decode steps run on the packed copies too (PREPACKED_MIN_ROWS).
+    prefix = [5, 3, 2, 4]
+    logits = model.prefill([s[:p] for s, p in zip(seqs, prefix)], slots=[0, 1, 2, 3])
     for i, p in enumerate(prefix):
         torch.testing.assert_close(torch.log_softmax(logits[i], -1), ref[i][p - 1], atol=ATOL, rtol=0)
     for step in range(6):
         pos = torch.tensor([p + step for p in prefix])
         toks = torch.tensor([s[p] for s, p in zip(seqs, pos.tolist())])
         logits = model.decode(toks, pos)
-        for i in range(3):
+        for i in range(4):
             torch.testing.assert_close(torch.log_softmax(logits[i], -1), ref[i][pos[i]], atol=ATOL, rtol=0)
 
 
@@ -172,6 +179,23 @@ def test_prefill_after_a_cached_prefix_equals_hf(model_dirs, variant):
         model.hidden_packed([full[20:]], starts=[20])
     with pytest.raises(ValueError, match="must be 1..64"):
         model.prefill([full], slots=[0], starts=[40])
+
+
+@pytest.mark.skipif(not onednn_packing_available(), reason="torch built without oneDNN")
+def test_a_weight_load_rebuilds_the_prepacked_copies(model_dirs, tmp_path):
+    """Loading other weights into a prepacked model gives what a fresh model of those weights
+    gives (the packed copies follow the weights), and the same as the plain path."""
+    from transformers import Qwen2Config
+
+    a = model_dirs["qwen2_bias"]
+    other = _save_hf(tmp_path, "qwen2_other", Qwen2Config(**_small(tie_word_embeddings=False)), seed=5)
+    model = LlamaModel.from_pretrained(a, max_batch_size=2, max_seq_len=32)
+    seq = list(range(3, 15))
+    before = model.forward(seq)
+    model.load_state_dict(read_safetensors(other))
+    fresh = LlamaModel.from_pretrained(other, max_batch_size=2, max_seq_len=32, prepack_weights=False)
+    torch.testing.assert_close(model.forward(seq), fresh.forward(seq), atol=1e-5, rtol=0)
+    assert (model.forward(seq) - before).abs().max() > 0.1
 
 
 def test_spec_reads_variant_flags(model_dirs):
@@ -509,6 +533,47 @@ def _multi_turn(eng, turns: int = 3, update_before: int | None = None, tiny_dir=
     return turns_out
 
 
+def test_prompts_of_one_batch_share_their_common_prefix(tiny_dir):
+    """Two groups of prompts with their own 18-token prefix, and one that shares only 10 tokens
+    (below ``min_prefix_reuse``): each group's first prompt is computed whole, the others from
+    the end of the shared prefix; tokens and logprobs equal an engine that computes every
+    prompt whole, and the prefill counts add up."""
+    a, b = list(range(1, 19)), list(range(19, 37))  # the tiny model's vocabulary is 0..39
+    prompts = [a + [37, 38], a + [39], b + [1, 2, 3], a + [5, 6, 7], b + [38], a[:10] + [39, 39]]
+    reqs = [_req(p, max_new_tokens=4, temperature=1.0, seed=i, ignore_eos=True) for i, p in enumerate(prompts)]
+    on = CpuEngine(tiny_dir, max_batch_size=8, max_seq_len=64, min_prefix_reuse=16)
+    off = CpuEngine(tiny_dir, max_batch_size=8, max_seq_len=64, min_prefix_reuse=0)
+    try:
+        got, want = on.generate_many(reqs), off.generate_many(reqs)
+        for x, y in zip(got, want, strict=True):
+            assert x.output_ids == y.output_ids
+            torch.testing.assert_close(torch.tensor(x.output_logprobs), torch.tensor(y.output_logprobs), atol=1e-5, rtol=0)
+        assert [c.cached_tokens for c in got] == [0, 18, 0, 18, 18, 0]
+        assert [c.cached_tokens for c in want] == [0] * 6
+        total = sum(len(p) for p in prompts)
+        assert on.stats["prefill_tokens"] == total - 3 * 18 and on.stats["prefix_reused_tokens"] == 3 * 18
+        assert off.stats["prefill_tokens"] == total
+    finally:
+        on.shutdown()
+        off.shutdown()
+
+
+def test_flush_cache_drops_the_kept_prefixes(tiny_dir):
+    eng = CpuEngine(tiny_dir, max_batch_size=4, max_seq_len=128, min_prefix_reuse=16)
+    try:
+        p = list(range(1, 21))
+        first = eng.submit(_req(p, max_new_tokens=3, temperature=1.0, seed=1, ignore_eos=True)).result()
+        turn = p + first.output_ids + [5, 6]
+        assert eng.submit(_req(turn, max_new_tokens=3, temperature=1.0, seed=2, ignore_eos=True)).result().cached_tokens == 22
+        # The turn continued in the slot its prefix was kept in: one finished sequence is kept.
+        assert eng.flush_cache().result() == 1
+        again = eng.submit(_req(turn + [7], max_new_tokens=3, temperature=1.0, seed=3, ignore_eos=True)).result()
+        assert again.cached_tokens == 0
+        assert eng.flush_cache().result() == 1
+    finally:
+        eng.shutdown()
+
+
 def test_the_next_turn_continues_the_kept_prefix(tiny_dir):
     """Reuse on: a turn prefills only what its episode's finished sequence does not hold (the
     prompt, the reply but its last token, which was never fed), and tokens and logprobs equal
@@ -522,7 +587,9 @@ def test_the_next_turn_continues_the_kept_prefix(tiny_dir):
                 assert x.output_ids == y.output_ids
                 torch.testing.assert_close(torch.tensor(x.output_logprobs), torch.tensor(y.output_logprobs),
                                            atol=1e-5, rtol=0)
-        assert [c.cached_tokens for c in got[0][1]] == [0, 0, 0]
+        # The first turn: the 20 tokens all episodes start with are computed once (in-batch
+        # sharing), the two followers copy them from the leader.
+        assert [c.cached_tokens for c in got[0][1]] == [0, 20, 20]
         for (prev_ctx, prev), (ctx, now) in zip(got, got[1:]):
             assert [c.cached_tokens for c in now] == [len(p) + len(c.output_ids) - 1 for p, c in zip(prev_ctx, prev)]
         assert all(c.cached_tokens == 0 for _, off_turn in want for c in off_turn)
@@ -533,7 +600,8 @@ def test_the_next_turn_continues_the_kept_prefix(tiny_dir):
         again = CpuEngine(tiny_dir, max_batch_size=4, max_seq_len=128, min_prefix_reuse=16)
         try:
             after = _multi_turn(again, turns=2, update_before=1, tiny_dir=tiny_dir)
-            assert [c.cached_tokens for c in after[1][1]] == [0, 0, 0]
+            # Only the in-batch share of the 20 base tokens: none of the longer kept prefixes.
+            assert [c.cached_tokens for c in after[1][1]] == [0, 20, 20]
             assert [c.weight_version for c in after[1][1]] == [1, 1, 1]
         finally:
             again.shutdown()

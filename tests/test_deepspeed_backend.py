@@ -216,6 +216,27 @@ def test_update_is_invariant_to_micro_batching_and_zero_stage(tiny, reference_ru
         assert m1["num_micro_batches"] == expected_mb
 
 
+def test_tied_embedding_lookup_has_a_sparse_gradient_and_the_same_update(tiny):
+    """Without ZeRO the tied embedding's lookup adds a sparse gradient into the LM head's dense
+    one: the same update as the dense lookup (ZeRO-2 keeps it dense, and the invariance test
+    above holds the two equal too)."""
+    from relayrl.rl.deepspeed_backend import _tied_input_embedding
+
+    runs = {}
+    for sparse in (True, False):
+        b = backend(tiny, stage=0, mbs=3)
+        emb = _tied_input_embedding(b.module)
+        assert emb is not None and emb.sparse is True
+        emb.sparse = sparse
+        s1 = make_samples(LENGTHS, seed=1)
+        m = b.train_step(s1, token_mean_nll(s1))
+        runs[sparse] = (weights(b), m["grad_norm"])
+    assert max_diff(runs[True][0], runs[False][0]) < 1e-7
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-7)
+    assert _tied_input_embedding(backend(tiny, stage=2).module).sparse is False
+    assert _tied_input_embedding(backend(tiny, role="reference").module).sparse is False
+
+
 def test_grad_clip_and_warmup(tiny):
     # eps = 1 puts AdamW's first step in its near-linear regime, update = lr * g / (|g| + 1), so
     # the clip shows in the weights. Clipping to norm 0.5 must equal an unclipped run on the loss

@@ -300,6 +300,30 @@ def _policy_outputs(logits: torch.Tensor, tokens: torch.Tensor, start: int, mask
     return {"logprobs": logprobs * m, "entropy": entropy * m}
 
 
+def _shared_row_policy_outputs(logits: torch.Tensor, row: "SharedRow", tokens: torch.Tensor, n: int,
+                               mask: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+    """``_policy_outputs`` of a ``SharedRow`` micro-batch, from the row's logits ``(R, V)`` at row
+    positions ``n - 1..`` (the prompt's last token on), without gathering a ``(b, T, V)`` copy.
+
+    Within a suffix, a token's predecessor is the row position before it, so the row scored as
+    one sequence (``token_logprobs_and_entropy``) gives every suffix token's logprob and
+    entropy at its own row position. Only a first action differs: its predecessor is the
+    prompt's last token (row position ``n - 1``, logits row 0), not the end of the suffix
+    before it; those ``b`` logprobs and their one shared entropy come from logits row 0.
+    """
+    first = n - 1
+    lp_row, ent_row = token_logprobs_and_entropy(logits[None], row.ids[:, first:], temperature)
+    at = (row.index[:, n:] - first).clamp(min=0)  # each sample's tokens n.. in the row (padding: 0, masked)
+    lp, ent = lp_row[0, at], ent_row[0, at]
+    x0 = logits[0].float() / temperature if temperature != 1.0 else logits[0].float()
+    lp_first = x0[tokens[:, n]] - torch.logsumexp(x0, dim=-1)
+    lp = torch.cat([lp_first[:, None], lp[:, 1:]], dim=1)
+    ent = torch.cat([ent_row[0, 1].expand(lp.shape[0], 1), ent[:, 1:]], dim=1)
+    pad = lp.new_zeros(tokens.shape[0], n)
+    m = mask.to(lp.dtype)
+    return {"logprobs": torch.cat([pad, lp], dim=1) * m, "entropy": torch.cat([pad, ent], dim=1) * m}
+
+
 def _attention_cost(config: Any) -> float | None:
     """FLOPs of one query-key pair (scores and weighted values) over those of one token through
     the layers' projections and MLP, from an HF decoder config; None if it lacks the numbers."""
@@ -565,10 +589,9 @@ class DeepSpeedBackend:
         keep = {"logits_to_keep": row.ids.shape[1] - first} if self._keeps_logits else {}
         logits = self.engine(input_ids=row.ids, position_ids=row.position_ids, attention_mask=row.mask,
                              use_cache=False, **keep).logits[0]
-        offset = first if keep else 0
-        # Each sample's logits at its positions first.. (padding reads row 0; masked below).
-        rows = (row.index[:, first:] - offset).clamp(min=0)
-        return _policy_outputs(logits[rows], tokens, first, mask, temperature)
+        if not keep:
+            logits = logits[first:]
+        return _shared_row_policy_outputs(logits, row, tokens, n, mask, temperature)
 
     def _first_scored_position(self, mb: MicroBatch) -> int:
         """The first position whose logits the micro-batch's action tokens need, or 0 for all.

@@ -499,7 +499,12 @@ def test_shared_prompts_equal_separate_sequences(tiny, stage, grad_ckpt, role):
         for a, b, s in zip(fast.forward_logprobs(samples), ref.forward_logprobs(samples), samples, strict=True):
             m = s["loss_mask"].bool()
             torch.testing.assert_close(a[m], b[m], atol=2e-6, rtol=0)
-        loss_fn = token_mean_nll(samples)
+        nll = token_mean_nll(samples)
+
+        def loss_fn(outputs, mb):  # with an entropy term: its values and gradient must agree too
+            loss, metrics = nll(outputs, mb)
+            ent = (outputs["entropy"] * mb["loss_mask"]).sum() / n
+            return loss - 0.1 * ent, {"nll": metrics["nll"], "entropy": ent.item()}
     else:
         for a, b in zip(fast.forward_values(samples), ref.forward_values(samples), strict=True):
             torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
@@ -512,6 +517,8 @@ def test_shared_prompts_equal_separate_sequences(tiny, stage, grad_ckpt, role):
     m_fast, m_ref = fast.train_step(samples, loss_fn), ref.train_step(samples, loss_fn)
     assert max_diff(fast.engine.module.state_dict(), before) > 1e-4  # the step moved the weights
     assert m_fast["nll"] == pytest.approx(m_ref["nll"], rel=1e-6)
+    if role == "policy":
+        assert m_fast["entropy"] == pytest.approx(m_ref["entropy"], rel=1e-6)
     assert m_fast["grad_norm"] == pytest.approx(m_ref["grad_norm"], rel=1e-5)
     assert m_fast["num_micro_batches"] == m_ref["num_micro_batches"] == 3
     assert max_diff(weights(fast) if role == "policy" else fast.engine.module.state_dict(),

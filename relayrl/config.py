@@ -81,8 +81,9 @@ class EngineConfig(_Section):
     prefix_reuse_min_tokens: int = Field(16, ge=0)
     """CPU engine: a finished sequence's keys and values stay in a free slot, and a prompt that
     starts with at least this many of its tokens (an episode's next turn: the last context, the
-    reply, a new observation) is prefilled only from there on. 0 = off. (SGLang's radix cache
-    does this on GPUs.)"""
+    reply, a new observation) is prefilled only from there on; prompts arriving together that
+    share at least this many first tokens (a system prompt) compute them once. 0 = off.
+    (SGLang's radix cache does this on GPUs.)"""
     host: str = "127.0.0.1"
     """Interface the engine servers bind to."""
     request_timeout_s: float = Field(600.0, gt=0)

@@ -451,7 +451,9 @@ class LlamaModel:
         """Hidden states ``[sum T_i, E]`` of sequences packed end to end, each at positions
         ``starts[i]..starts[i]+T_i-1`` (default 0..).
 
-        Projections and MLP run on all tokens at once; attention runs per sequence. With
+        Projections and MLP run on all tokens at once; attention runs on padded batches of
+        sequences of similar lengths (``_padded_groups``), a sequence that continues a cached
+        prefix on its own. With
         ``slots``, sequence i's keys/values are written to ``cache[:, slots[i], :, start:start+T_i]``
         and a sequence with ``starts[i] > 0`` continues the keys and values already cached at
         ``0..starts[i]-1`` of its slot (a prefix computed before: it attends to them too).
@@ -459,28 +461,47 @@ class LlamaModel:
         starts = starts or [0] * len(seqs)
         if slots is None and any(starts):
             raise ValueError("starts > 0 continue a cached prefix: they need slots")
+        s = self.spec
         lens = [len(t) for t in seqs]
         self._check_lengths([st + n for st, n in zip(starts, lens, strict=True)])
         tokens = torch.tensor([tok for t in seqs for tok in t], dtype=torch.long)
         pos = torch.cat([self._positions[st : st + n] for st, n in zip(starts, lens, strict=True)])
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        offsets = [0, *_cumsum(lens)]
+        groups = _padded_groups(lens, offsets, [i for i, st in enumerate(starts) if st == 0])
+        prefixed = [i for i, st in enumerate(starts) if st > 0]
+        whole = len(groups) == 1 and not prefixed and groups[0].in_order  # one group, packed order
+        rows = None
+        if slots is not None:
+            # Row of (token t, kv head h) in a layer's cache viewed as [B*Hkv*S, D] (as in decode).
+            slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lens))
+            heads = self._positions[: s.num_kv_heads]
+            rows = ((slot_of[:, None] * s.num_kv_heads + heads[None, :]) * self.max_seq_len + pos[:, None]).view(-1)
         x = self.embed[tokens]
+        hd = s.num_heads * s.head_dim
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
-            outs = []
-            offset = 0
-            for i, (st, n) in enumerate(zip(starts, lens, strict=True)):
-                qi, ki, vi = q[offset : offset + n], k[offset : offset + n], v[offset : offset + n]
-                if slots is not None:
-                    self.k_cache[li, slots[i], :, st : st + n] = ki.transpose(0, 1)
-                    self.v_cache[li, slots[i], :, st : st + n] = vi.transpose(0, 1)
-                if st:
-                    outs.append(self._prefix_attention(qi, self.k_cache[li, slots[i], :, : st + n],
-                                                       self.v_cache[li, slots[i], :, : st + n], st))
+            if rows is not None:
+                self.k_cache[li].view(-1, s.head_dim).index_copy_(0, rows, k.reshape(-1, s.head_dim))
+                self.v_cache[li].view(-1, s.head_dim).index_copy_(0, rows, v.reshape(-1, s.head_dim))
+            attn = None if whole else q.new_empty(len(tokens), hd)
+            for g in groups:
+                if g.gather is None:  # one sequence: no padding, the causal kernel
+                    i = g.seqs[0]
+                    out = self._causal_attention(*(t[offsets[i] : offsets[i + 1]] for t in (q, k, v)))
                 else:
-                    outs.append(self._causal_attention(qi, ki, vi))
-                offset += n
-            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+                    out = F.scaled_dot_product_attention(
+                        q[g.gather].transpose(1, 2), k[g.gather].transpose(1, 2), v[g.gather].transpose(1, 2),
+                        attn_mask=g.mask, enable_gqa=True,
+                    ).transpose(1, 2).reshape(-1, hd)[g.take]
+                if whole:
+                    attn = out
+                else:
+                    attn[g.tokens] = out
+            for i in prefixed:
+                st, lo, hi = starts[i], offsets[i], offsets[i + 1]
+                attn[lo:hi] = self._prefix_attention(q[lo:hi], self.k_cache[li, slots[i], :, : st + hi - lo],
+                                                     self.v_cache[li, slots[i], :, : st + hi - lo], st)
             x = self._mlp_residual(layer, x, attn)
         return x
 
@@ -570,6 +591,63 @@ class LlamaModel:
         for n in lengths:
             if not 0 < n <= self.max_seq_len:
                 raise ValueError(f"sequence of {n} tokens: must be 1..{self.max_seq_len} (max_seq_len)")
+
+
+@dataclass
+class _Group:
+    """Sequences of one packed prefill whose causal attention runs as one padded batch.
+
+    seqs: their indices in the pack. tokens: ``[sum T_i]`` their tokens' rows in the pack, in
+    ``seqs`` order. gather: ``[g, Tmax]`` the pack row of each padded position (padding repeats
+    a real row; None for a group of one, which needs no padding). mask: ``[g, 1, Tmax, Tmax]``
+    True where a query may see a key (causal, real keys only). take: ``[sum T_i]`` the rows of
+    the flattened ``[g * Tmax]`` output that are real tokens, in ``tokens`` order. in_order:
+    ``tokens`` is ``0..`` (the output needs no scatter).
+    """
+
+    seqs: list[int]
+    tokens: torch.Tensor
+    gather: torch.Tensor | None
+    mask: torch.Tensor | None
+    take: torch.Tensor | None
+    in_order: bool
+
+
+def _padded_groups(lens: list[int], offsets: list[int], members: list[int], waste: float = 2.0) -> list[_Group]:
+    """Group the sequences ``members`` (lengths ``lens``, pack offsets ``offsets``) for padded
+    attention: by length, longest first, a group grows while its padded attention area
+    ``g * Tmax^2`` stays within ``waste`` times the real one (the sum of ``T_i^2``).
+
+    Why: one batched attention call per group instead of one per sequence (a prefill of 32
+    short prompts ran 32 small calls in each of the 30 layers of SmolLM2).
+    """
+    groups: list[list[int]] = []
+    area = 0
+    for i in sorted(members, key=lambda i: -lens[i]):
+        if groups and (len(groups[-1]) + 1) * lens[groups[-1][0]] ** 2 <= waste * (area + lens[i] ** 2):
+            groups[-1].append(i)
+            area += lens[i] ** 2
+        else:
+            groups.append([i])
+            area = lens[i] ** 2
+    out = []
+    for seqs in groups:
+        seqs = sorted(seqs)
+        tokens = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in seqs])
+        in_order = bool(tokens[0] == 0 and tokens[-1] == len(tokens) - 1) and len(tokens) == offsets[-1]
+        if len(seqs) == 1:
+            out.append(_Group(seqs, tokens, None, None, None, in_order))
+            continue
+        tmax = max(lens[i] for i in seqs)
+        ar = torch.arange(tmax)
+        n = torch.tensor([lens[i] for i in seqs])
+        real = ar[None, :] < n[:, None]  # [g, Tmax]
+        start = torch.tensor([offsets[i] for i in seqs])
+        gather = torch.where(real, start[:, None] + ar[None, :], start[:, None])
+        mask = ((ar[:, None] >= ar[None, :])[None] & real[:, None, :])[:, None]
+        take = (torch.arange(len(seqs))[:, None] * tmax + ar[None, :])[real]
+        out.append(_Group(seqs, tokens, gather, mask, take, in_order))
+    return out
 
 
 def _cumsum(xs: Iterable[int]) -> Iterable[int]:

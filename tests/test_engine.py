@@ -198,6 +198,49 @@ def test_a_weight_load_rebuilds_the_prepacked_copies(model_dirs, tmp_path):
     assert (model.forward(seq) - before).abs().max() > 0.1
 
 
+def test_padded_groups_hand_worked():
+    """Longest first, a group grows while g * Tmax^2 <= 2 * sum T_i^2: lengths 30, 17, 16 make
+    one group (3 * 900 <= 2 * 1445), 3 then starts a new one (4 * 900 > 2 * 1454), 2 joins it."""
+    from relayrl.rollout.llama import _padded_groups
+
+    lens = [30, 3, 17, 2, 16]
+    offsets = [0, 30, 33, 50, 52, 68]
+    groups = _padded_groups(lens, offsets, list(range(5)))
+    assert [g.seqs for g in groups] == [[0, 2, 4], [1, 3]]
+    a, b = groups
+    assert a.tokens.tolist() == list(range(0, 30)) + list(range(33, 50)) + list(range(52, 68))
+    assert a.gather.shape == (3, 30) and a.gather[1, :17].tolist() == list(range(33, 50))
+    assert a.gather[1, 17:].eq(33).all()  # padding repeats the sequence's first row
+    assert a.mask.shape == (3, 1, 30, 30)
+    assert a.mask[1, 0, 20, :].tolist() == [True] * 17 + [False] * 13  # padding query sees the real keys
+    assert a.mask[0, 0, 4, :].tolist() == [True] * 5 + [False] * 25  # causal
+    assert a.take.tolist() == list(range(30)) + list(range(30, 47)) + list(range(60, 76))
+    assert not a.in_order and not b.in_order
+    single = _padded_groups([4], [0, 4], [0])[0]
+    assert single.gather is None and single.in_order
+
+
+@pytest.mark.parametrize("variant", ["llama_tied", "qwen3_qknorm"])
+def test_prefill_in_padded_groups_equals_hf(model_dirs, variant):
+    """Five prompts in two padded groups, out of pack order, with one prompt that continues a
+    cached prefix: last-token logits equal HF, caches equal prompts prefilled one by one."""
+    hf = _hf(model_dirs[variant])
+    model = LlamaModel.from_pretrained(model_dirs[variant], max_batch_size=6, max_seq_len=64)
+    g = torch.Generator().manual_seed(11)
+    seqs = [torch.randint(0, model.spec.vocab_size, (n,), generator=g).tolist() for n in (30, 3, 17, 2, 16, 24)]
+    model.prefill([seqs[5][:10]], slots=[5])  # seq 5 continues from position 10
+    prompts = [*seqs[:5], seqs[5][10:]]
+    logits = model.prefill(prompts, slots=list(range(6)), starts=[0] * 5 + [10])
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(torch.log_softmax(logits[i], -1), _hf_logprobs(hf, s)[-1], atol=ATOL, rtol=0)
+    alone = LlamaModel.from_pretrained(model_dirs[variant], max_batch_size=6, max_seq_len=64)
+    for i, s in enumerate(seqs):
+        alone.prefill([s], slots=[i])
+        n = len(s)
+        torch.testing.assert_close(model.k_cache[:, i, :, :n], alone.k_cache[:, i, :, :n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.v_cache[:, i, :, :n], alone.v_cache[:, i, :, :n], atol=1e-5, rtol=0)
+
+
 def test_spec_reads_variant_flags(model_dirs):
     q2 = LlamaSpec.from_hf_config(read_hf_config(model_dirs["qwen2_bias"]))
     q3 = LlamaSpec.from_hf_config(read_hf_config(model_dirs["qwen3_qknorm"]))

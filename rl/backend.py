@@ -67,8 +67,10 @@ class TrainerBackend(Protocol):
         """Full (gathered) weights under HF names, on CPU, for weight sync. Policy role."""
         ...
 
-    def export_hf(self, path: str) -> None:
-        """Write an HF checkpoint directory (config, safetensors, tokenizer) of the current weights."""
+    def export_hf(self, path: str, durable: bool = True) -> None:
+        """Write an HF checkpoint directory (config, safetensors, tokenizer) of the current weights
+        (atomically: a reader never sees part of one); ``durable=False``: without fsync (a weight
+        hand-off to the engines, not a checkpoint)."""
         ...
 
     def save(self, path: str) -> None:

@@ -382,6 +382,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+def copy_tokenizer_files(src: str | os.PathLike[str], dst: Path) -> None:
+    """Copy the tokenizer (and generation config) files of HF directory ``src`` that exist into
+    ``dst``: an export loads with the same tokenizer, without loading and re-saving it."""
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, dst / name)
+
+
 # ----------------------------------------------------------------------------- the backend
 
 
@@ -734,11 +747,13 @@ class DeepSpeedBackend:
                 raise RuntimeError(f"state_dict_for_engine: weights not found for {sorted(missing)[:5]}")
         return {k: out[k] for k in sorted(out)} if on_this_rank else {}
 
-    def export_hf(self, path: str | os.PathLike[str]) -> None:
+    def export_hf(self, path: str | os.PathLike[str], durable: bool = True) -> None:
         """Write an HF checkpoint directory (config, safetensors, tokenizer) of the current weights.
 
         All ranks call it (ZeRO-3 gathers); rank 0 writes into a temporary sibling directory
-        and renames it to ``path``, replacing an older export there.
+        and renames it to ``path``, replacing an older export there. ``durable=False`` skips the
+        fsyncs: a weight hand-off to the engines, re-exported if the machine goes down (the
+        rename still means a reader never sees a partial export).
         """
         path = Path(path)
         state = self.state_dict_for_engine(on_this_rank=self.rank == 0)
@@ -746,26 +761,21 @@ class DeepSpeedBackend:
             tmp = path.with_name(f".{path.name}.partial")
             shutil.rmtree(tmp, ignore_errors=True)
             self._write_hf(tmp, state)
-            _fsync_tree(tmp)
+            if durable:
+                _fsync_tree(tmp)
             old = path.with_name(f".{path.name}.old")
             if path.exists():
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(path, old)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            if durable:
+                _fsync_dir(path.parent)
             shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
 
     def _write_hf(self, out_dir: Path, state: dict[str, torch.Tensor]) -> None:
-        from transformers import AutoTokenizer
-
         self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None  # a checkpoint without a tokenizer: export the weights alone
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
+        copy_tokenizer_files(self.model_path, out_dir)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write weights, optimizer, scheduler, RNG state and step counter under ``path``.

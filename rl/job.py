@@ -416,7 +416,7 @@ class Job:
             self._engine_version = asyncio.run(_engine_version(self.engine_urls, e.request_timeout_s))
             return
         path = self._weights_dir / f"v{version:06d}"
-        self.policy.export_hf(str(path))
+        self.policy.export_hf(str(path), durable=False)  # a hand-off, not a checkpoint
         self.supervise_engines(force=True)  # a restarted engine loads this export itself
         asyncio.run(_update_engines(self.engine_urls, str(path), version, e.request_timeout_s))
         if self.fleet is not None:
@@ -466,7 +466,7 @@ class Job:
             assert self._weights_dir is not None
             path = str(self._weights_dir / f"v{version:06d}")
             if not Path(path).is_dir():
-                self.policy.export_hf(path)
+                self.policy.export_hf(path, durable=False)
         restarted = self.fleet.supervise(path, version if version > 0 else None)
         self.engine_urls = self.fleet.update_urls
         if restarted and self.cfg.engine.weight_sync == "distributed":

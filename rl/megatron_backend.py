@@ -107,6 +107,7 @@ from relayrl.rl.deepspeed_backend import (
     _set_rng_state,
     _warmup_factor,
     collate,
+    copy_tokenizer_files,
     plan_micro_batches,
     token_logprobs_and_entropy,
 )
@@ -929,9 +930,10 @@ class MegatronBackend:
         hf = megatron_to_hf(stages, self.spec, role=self.role)  # type: ignore[arg-type]
         return {k: hf[k] for k in sorted(hf)}
 
-    def export_hf(self, path: str | os.PathLike[str]) -> None:
+    def export_hf(self, path: str | os.PathLike[str], durable: bool = True) -> None:
         """Write an HF checkpoint directory (config, safetensors, tokenizer); all ranks call it,
-        global rank 0 writes into a temporary sibling and renames it to ``path``."""
+        global rank 0 writes into a temporary sibling and renames it to ``path`` (``durable``:
+        fsynced, as ``DeepSpeedBackend.export_hf``)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -945,14 +947,16 @@ class MegatronBackend:
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
                       metadata={"format": "pt"})
             self._hf_out_config().save_pretrained(tmp)
-            self._copy_tokenizer(tmp)
-            _fsync_tree(tmp)
+            copy_tokenizer_files(self.model_path, tmp)
+            if durable:
+                _fsync_tree(tmp)
             old = path.with_name(f".{path.name}.old")
             if path.exists():
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(path, old)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            if durable:
+                _fsync_dir(path.parent)
             shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
 
@@ -967,13 +971,6 @@ class MegatronBackend:
             cfg.id2label, cfg.label2id = {0: "value"}, {"value": 0}
         cfg.dtype = str(self.dtype).removeprefix("torch.")
         return cfg
-
-    def _copy_tokenizer(self, out: Path) -> None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                     "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json"):
-            src = Path(self.model_path) / name
-            if src.is_file():
-                shutil.copy2(src, out / name)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Weights (per-rank Megatron shards, a stage's on each of its ranks, and an ``hf/`` export

@@ -134,8 +134,8 @@ class TrainerActor:
         state = self.backend.state_dict_for_engine(on_this_rank=self.rank == 0)
         return state if self.rank == 0 else None
 
-    def export_hf(self, path: str) -> None:
-        self.backend.export_hf(path)
+    def export_hf(self, path: str, durable: bool = True) -> None:
+        self.backend.export_hf(path, durable)
 
     def sync_weights_distributed(self, engine_urls: list[str], engine_tp: list[int], backend: str,
                                  version: int, bucket_bytes: int, timeout_s: float) -> dict[str, float] | None:
@@ -283,8 +283,8 @@ class TrainerGroup:
     def state_dict_for_engine(self) -> dict[str, torch.Tensor]:
         return _get_all([a.state_dict_for_engine.remote() for a in self.actors])[0]
 
-    def export_hf(self, path: str) -> None:
-        _get_all([a.export_hf.remote(str(path)) for a in self.actors])
+    def export_hf(self, path: str, durable: bool = True) -> None:
+        _get_all([a.export_hf.remote(str(path), durable) for a in self.actors])
 
     def sync_weights_distributed(self, engine_urls: list[str], engine_tp: list[int], backend: str, version: int,
                                  bucket_bytes: int, timeout_s: float = 600.0) -> dict[str, float]:

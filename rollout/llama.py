@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -393,8 +394,11 @@ class LlamaModel:
                 raise ValueError(f"checkpoint tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
             dst.copy_(src)
         if self.prepack_weights:
-            for linear in [self.lm_head] + [lin for layer in self.layers for lin in layer.prepacked_linears()]:
-                linear.prepack(self.max_batch_size)
+            linears = [self.lm_head] + [lin for layer in self.layers for lin in layer.prepacked_linears()]
+            # One reorder runs on one core (and spends much of its time faulting in the new
+            # buffer's pages): side by side on every core, SmolLM2's take ~0.25 s instead of ~0.9.
+            with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+                list(pool.map(lambda linear: linear.prepack(self.max_batch_size), linears))
 
     # ----------------------------------------------------------------- pieces
 

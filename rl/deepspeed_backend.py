@@ -300,30 +300,6 @@ def _policy_outputs(logits: torch.Tensor, tokens: torch.Tensor, start: int, mask
     return {"logprobs": logprobs * m, "entropy": entropy * m}
 
 
-def _shared_row_policy_outputs(logits: torch.Tensor, row: "SharedRow", tokens: torch.Tensor, n: int,
-                               mask: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
-    """``_policy_outputs`` of a ``SharedRow`` micro-batch, from the row's logits ``(R, V)`` at row
-    positions ``n - 1..`` (the prompt's last token on), without gathering a ``(b, T, V)`` copy.
-
-    Within a suffix, a token's predecessor is the row position before it, so the row scored as
-    one sequence (``token_logprobs_and_entropy``) gives every suffix token's logprob and
-    entropy at its own row position. Only a first action differs: its predecessor is the
-    prompt's last token (row position ``n - 1``, logits row 0), not the end of the suffix
-    before it; those ``b`` logprobs and their one shared entropy come from logits row 0.
-    """
-    first = n - 1
-    lp_row, ent_row = token_logprobs_and_entropy(logits[None], row.ids[:, first:], temperature)
-    at = (row.index[:, n:] - first).clamp(min=0)  # each sample's tokens n.. in the row (padding: 0, masked)
-    lp, ent = lp_row[0, at], ent_row[0, at]
-    x0 = logits[0].float() / temperature if temperature != 1.0 else logits[0].float()
-    lp_first = x0[tokens[:, n]] - torch.logsumexp(x0, dim=-1)
-    lp = torch.cat([lp_first[:, None], lp[:, 1:]], dim=1)
-    ent = torch.cat([ent_row[0, 1].expand(lp.shape[0], 1), ent[:, 1:]], dim=1)
-    pad = lp.new_zeros(tokens.shape[0], n)
-    m = mask.to(lp.dtype)
-    return {"logprobs": torch.cat([pad, lp], dim=1) * m, "entropy": torch.cat([pad, ent], dim=1) * m}
-
-
 def _attention_cost(config: Any) -> float | None:
     """FLOPs of one query-key pair (scores and weighted values) over those of one token through
     the layers' projections and MLP, from an HF decoder config; None if it lacks the numbers."""
@@ -531,7 +507,7 @@ class DeepSpeedBackend:
             # The tied weight's gradient is dense anyway (the LM head's); the lookup's part,
             # as a sparse gradient of the looked-up rows, is added into it, instead of a
             # zero-filled dense copy of the whole vocabulary summed in (three passes over the
-            # embedding per micro-batch, ~8% of a SmolLM2 step on this CPU). The same numbers:
+            # embedding per micro-batch, ~5% of a SmolLM2 step on this CPU). The same numbers:
             # only the addition is cheaper. Without ZeRO only: its hooks would see the sparse part.
             _tied_input_embedding(model).sparse = True
         if self.role != "reference" and self.trainer_cfg.gradient_checkpointing:
@@ -556,9 +532,7 @@ class DeepSpeedBackend:
             {"params": no_decay, "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
-        # The fused kernel: one pass per tensor instead of a dozen elementwise ops (4.4x faster
-        # for SmolLM2-135M on this CPU). Same update up to float rounding.
-        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=True)
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=False)
 
     # -- micro-batches
 
@@ -602,9 +576,10 @@ class DeepSpeedBackend:
         keep = {"logits_to_keep": row.ids.shape[1] - first} if self._keeps_logits else {}
         logits = self.engine(input_ids=row.ids, position_ids=row.position_ids, attention_mask=row.mask,
                              use_cache=False, **keep).logits[0]
-        if not keep:
-            logits = logits[first:]
-        return _shared_row_policy_outputs(logits, row, tokens, n, mask, temperature)
+        offset = first if keep else 0
+        # Each sample's logits at its positions first.. (padding reads row 0; masked below).
+        rows = (row.index[:, first:] - offset).clamp(min=0)
+        return _policy_outputs(logits[rows], tokens, first, mask, temperature)
 
     def _first_scored_position(self, mb: MicroBatch) -> int:
         """The first position whose logits the micro-batch's action tokens need, or 0 for all.

@@ -222,8 +222,9 @@ class Linear:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.prepacked, self.bias, "none", [], "")
 
-    # Fused forms (only where ``use_prepacked``): oneDNN applies the elementwise op to the GEMM's output tile
-    # while it is in cache, instead of a separate pass (and a Python dispatch) over the result.
+    # Fused forms (only where ``use_prepacked``): oneDNN applies the elementwise op to each
+    # output tile of the GEMM while it is in cache, instead of a separate pass (and a Python
+    # dispatch) over the result.
 
     def add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """``self(x) + other``."""

@@ -21,6 +21,7 @@ Data-parallel contract
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -30,7 +31,10 @@ import torch
 from relayrl.config import OptimConfig, TrainerConfig
 from relayrl.rl.backend import LossFn, Role, Sample
 
+log = logging.getLogger(__name__)
+
 _GLOBAL_METRICS = ("grad_norm", "lr")
+_RENDEZVOUS_ATTEMPTS = 3
 
 
 def _get_all(refs: list) -> list:
@@ -221,15 +225,25 @@ class TrainerGroup:
                                  **({"scheduling_strategy": scheduling[r]} if scheduling else {})).remote(threads)
             for r in range(self.world_size)
         ]
-        addr, port = ray.get(self.actors[0].rendezvous_address.remote())
-        _get_all(
-            [
-                actor.init_backend.remote(
-                    role, str(model_path), trainer_cfg, optim_cfg, dtype, rank, self.world_size, seed, addr, port
+        for attempt in range(_RENDEZVOUS_ATTEMPTS):
+            # The port was free when rank 0 looked; another process can take it before the
+            # process group binds it (seen: EADDRINUSE under a busy test suite). Then a new one.
+            addr, port = ray.get(self.actors[0].rendezvous_address.remote())
+            try:
+                _get_all(
+                    [
+                        actor.init_backend.remote(
+                            role, str(model_path), trainer_cfg, optim_cfg, dtype, rank, self.world_size, seed, addr, port
+                        )
+                        for rank, actor in enumerate(self.actors)
+                    ]
                 )
-                for rank, actor in enumerate(self.actors)
-            ]
-        )
+                break
+            except ray.exceptions.RayTaskError as e:
+                # One rank only: with more, the others would still be waiting on the old port.
+                if attempt == _RENDEZVOUS_ATTEMPTS - 1 or self.world_size > 1 or "EADDRINUSE" not in str(e):
+                    raise
+                log.warning("trainer rendezvous port %d was taken meanwhile; trying another", port)
 
     def _shards(self, samples: list[Sample]) -> list[list[int]]:
         """Per global rank, the indices of its samples (TP peers get the same shard)."""

@@ -503,13 +503,13 @@ class DeepSpeedBackend:
                 del hf_ds
         if self.role == "reference":
             model.requires_grad_(False)
-        elif self.zero_stage == 0 and _tied_input_embedding(model) is not None:
+        elif self.zero_stage == 0 and (tied := _tied_input_embedding(model)) is not None:
             # The tied weight's gradient is dense anyway (the LM head's); the lookup's part,
             # as a sparse gradient of the looked-up rows, is added into it, instead of a
             # zero-filled dense copy of the whole vocabulary summed in (three passes over the
             # embedding per micro-batch, ~5% of a SmolLM2 step on this CPU). The same numbers:
             # only the addition is cheaper. Without ZeRO only: its hooks would see the sparse part.
-            _tied_input_embedding(model).sparse = True
+            tied.sparse = True
         if self.role != "reference" and self.trainer_cfg.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name

@@ -60,6 +60,13 @@ class RayConfig(_Section):
     ``colocated``: each engine shares the GPUs of trainer ranks (weights go as CUDA IPC handles)."""
     gpus_per_node: int = Field(8, ge=1)
     """GPUs of one node; an SGLang engine (``engine.sglang.tp_size`` GPUs) never spans two nodes."""
+    keep_freed_memory: bool = True
+    """glibc ``malloc`` of the job's actors keeps freed memory for reuse instead of handing large
+    blocks back to the OS (``GLIBC_TUNABLES`` mmap and trim thresholds of 1 GiB, see
+    ``rl.job.MALLOC_TUNABLES``). Without it every large tensor of a train step is a fresh
+    mapping whose pages fault in again: on CPU that was 20-30% of a SmolLM2 train step
+    (``bench/README.md``). Costs some resident memory (+8% peak there). A ``GLIBC_TUNABLES``
+    already in the environment keeps its own values of these keys."""
 
 
 class EngineConfig(_Section):

@@ -72,6 +72,11 @@ def init_distributed(rank: int, world_size: int) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel here (30-45 s
+        # on two cores whenever its build flags differ from the cached build's) that only its
+        # inference all-reduce uses; trainers reduce over gloo. Marked unavailable, it is skipped.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, rank=rank, world_size=world_size, auto_mpi_discovery=False, verbose=False)
 
 

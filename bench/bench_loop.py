@@ -435,7 +435,7 @@ def _end_group(proc: subprocess.Popen) -> None:
 
 
 def run_worker(kind: str, w: Workload, extra: list[str], timeout_s: float, verbose: bool,
-               keep: bool = False) -> dict[str, Any]:
+               keep: bool = False, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one worker in a fresh subprocess; return its result, or ``{"error": ...}``.
 
     Its output directory is made and removed here (unless ``keep``), so that a worker that
@@ -443,14 +443,14 @@ def run_worker(kind: str, w: Workload, extra: list[str], timeout_s: float, verbo
     checkpoint)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-loop-{kind}-"))
     try:
-        return _run_worker_in(workdir, kind, w, extra, timeout_s, verbose)
+        return _run_worker_in(workdir, kind, w, extra, timeout_s, verbose, env or {})
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run_worker_in(workdir: Path, kind: str, w: Workload, extra: list[str], timeout_s: float,
-                   verbose: bool) -> dict[str, Any]:
+                   verbose: bool, env: dict[str, str]) -> dict[str, Any]:
     result = workdir / "result.json"
     log = workdir / "log.txt"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(workdir),
@@ -461,7 +461,7 @@ def _run_worker_in(workdir: Path, kind: str, w: Workload, extra: list[str], time
     with log.open("w") as fh:
         # A session of its own, so that a timeout ends the worker and everything it started
         # (Ray's processes included), and nothing else.
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_thread_env(w.threads), start_new_session=True,
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**_thread_env(w.threads), **env}, start_new_session=True,
                                 stdout=None if verbose else fh, stderr=None if verbose else subprocess.STDOUT)
         try:
             rc: int | str = proc.wait(timeout=timeout_s)
@@ -606,14 +606,15 @@ def _print_peer_run(kind: str, res: dict[str, Any], round_: int, repeat: int) ->
 
 
 def part_peers(w: Workload, which: tuple[str, ...], extra: list[str], timeout_s: float, verbose: bool,
-               repeat: int = 1, keep: bool = False) -> None:
+               repeat: int = 1, keep: bool = False, trl_env: dict[str, str] | None = None) -> None:
     print(f"\n== 2. peers: the same single-turn GRPO workload ({w.prompts} prompts x {w.group} "
           f"completions, <= {w.max_new_tokens} new tokens, {w.steps} steps, lr {w.lr:g}), run one after "
           f"the other{f', alternating, {repeat} rounds' if repeat > 1 else ''}")
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in which}
     for round_ in range(repeat):
         for kind in which:  # sequential on purpose: the two must not share the cores
-            res = run_worker(kind, w, extra if kind.startswith("relayrl") else [], timeout_s, verbose, keep)
+            res = run_worker(kind, w, extra if kind.startswith("relayrl") else [], timeout_s, verbose, keep,
+                             None if kind.startswith("relayrl") else trl_env)
             _print_peer_run(kind, res, round_, repeat)
             if "error" not in res:
                 runs[kind].append(res)
@@ -671,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra relayrl override for the relayrl jobs (repeatable)")
+    p.add_argument("--trl-malloc", action="store_true",
+                   help="run TRL with the glibc malloc settings relayrl gives its actors (ray.keep_freed_memory)")
     p.add_argument("--repeat", type=int, default=1,
                    help="peer runs: alternate relayrl and TRL this many rounds (contention drifts)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
@@ -699,13 +702,19 @@ def main(argv: list[str] | None = None) -> int:
     if w.group < 2:
         p.error("--group: GRPO compares completions of the same prompt; give 2 or more")
     print_environment(w)
+    trl_env = None
+    if a.trl_malloc:
+        from relayrl.rl.job import glibc_tunables
+
+        trl_env = {"GLIBC_TUNABLES": glibc_tunables(os.environ.get("GLIBC_TUNABLES"))}
+        print(f"  TRL runs with {trl_env} (--trl-malloc: relayrl's actors get the same by default)")
     if a.only in ("all", "loop"):
         part_loop(w, a.set, a.timeout, a.verbose, a.keep)
     if a.only in ("all", "peers"):
-        part_peers(w, ("relayrl-grpo", "trl"), a.set, a.timeout, a.verbose, a.repeat, a.keep)
+        part_peers(w, ("relayrl-grpo", "trl"), a.set, a.timeout, a.verbose, a.repeat, a.keep, trl_env)
     elif a.only in ("trl", "relayrl"):
         part_peers(w, ("trl",) if a.only == "trl" else ("relayrl-grpo",), a.set, a.timeout, a.verbose,
-                   a.repeat, a.keep)
+                   a.repeat, a.keep, trl_env)
     print(f"\n== load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 

@@ -684,12 +684,14 @@ class DeepSpeedBackend:
             torch.nn.utils.clip_grads_with_norm_(self.engine.module.parameters(), self.optim_cfg.grad_clip, norm, foreach=True)
         return float(norm)
 
-    def state_dict_for_engine(self, on_this_rank: bool = True) -> dict[str, torch.Tensor]:
+    def state_dict_for_engine(self, on_this_rank: bool = True, copy: bool = True) -> dict[str, torch.Tensor]:
         """Full weights under HF names (the module's ``state_dict`` keys), contiguous CPU tensors.
 
         Under ZeRO-3 every rank must call this (parameters are gathered module by module);
         ranks with ``on_this_rank=False`` take part in the gathers and return ``{}``.
         Tied weights (e.g. ``lm_head.weight`` and ``model.embed_tokens.weight``) share one tensor.
+        ``copy=False``: a parameter that is already a whole contiguous CPU tensor is returned
+        itself (detached), for a caller that uses the weights before the next optimizer step.
         """
         import deepspeed
 
@@ -714,7 +716,8 @@ class DeepSpeedBackend:
                     if key not in keys:
                         continue
                     if id(t) not in copies:
-                        copies[id(t)] = t.detach().to("cpu", copy=True).contiguous()
+                        shared = not copy and self.zero_stage != 3 and t.device.type == "cpu" and t.is_contiguous()
+                        copies[id(t)] = t.detach() if shared else t.detach().to("cpu", copy=True).contiguous()
                     out[key] = copies[id(t)]
         if on_this_rank:
             missing = keys - set(out)
@@ -731,7 +734,8 @@ class DeepSpeedBackend:
         rename still means a reader never sees a partial export).
         """
         path = Path(path)
-        state = self.state_dict_for_engine(on_this_rank=self.rank == 0)
+        # Written out before this returns, so the parameters themselves can be (no copy).
+        state = self.state_dict_for_engine(on_this_rank=self.rank == 0, copy=False)
         if self.rank == 0:
             tmp = path.with_name(f".{path.name}.partial")
             shutil.rmtree(tmp, ignore_errors=True)

@@ -319,6 +319,11 @@ def test_state_dict_for_engine_and_export_hf_round_trip(tiny, tmp_path, stage):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
     trained = b.state_dict_for_engine()
     assert max_diff(trained, reloaded.state_dict()) == 0.0
+    # copy=False (what export_hf uses): the same values; without ZeRO-3 the parameters themselves.
+    shared = b.state_dict_for_engine(copy=False)
+    assert max_diff(trained, shared) == 0.0
+    params = {p.data_ptr() for p in b.engine.module.parameters()}
+    assert all((v.data_ptr() in params) == (stage != 3) for v in shared.values()), stage
     assert max_diff(trained, want) > 1e-4
     got = b.forward_logprobs(samples)
     with torch.no_grad():

@@ -322,6 +322,36 @@ def _tied_input_embedding(model: torch.nn.Module) -> torch.nn.Embedding | None:
     return None
 
 
+def materialize_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every trainable parameter of a fresh ``torch.optim.Adam``/``AdamW`` the state its
+    first ``step`` would create (step 0, zero moments), now, through ``load_state_dict``.
+
+    The same numbers as the lazy creation, so the same updates; what changes is when the
+    memory (two copies of the weights) is allocated and first touched: at set-up instead of
+    inside the first training step, after the first rollouts (on this CPU VM the page faults of
+    those ~1 GB cost ~4 s of SmolLM2's first step), and an out-of-memory shows before any
+    rollout is spent. DeepSpeed's ZeRO optimizers create their state at set-up too. An
+    optimizer that already has state is left alone.
+    """
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        raise TypeError(f"materialize_adam_state: {type(optimizer).__name__} is not Adam or AdamW")
+    current = optimizer.state_dict()
+    if current["state"]:
+        return
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    index = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                moments = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                           "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                if group["amsgrad"]:
+                    moments["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[index] = moments
+            index += 1
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
 def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -442,6 +472,8 @@ class DeepSpeedBackend:
         optimizer = scheduler = None
         if role != "reference":
             optimizer = self._build_optimizer()
+            if self.zero_stage == 0:  # ZeRO 1-3 wrap it and create their own state at set-up
+                materialize_adam_state(optimizer)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_factor(optim_cfg.warmup_steps))
         self.engine, *_ = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False

@@ -237,6 +237,34 @@ def test_tied_embedding_lookup_has_a_sparse_gradient_and_the_same_update(tiny):
     assert _tied_input_embedding(backend(tiny, role="reference").module).sparse is False
 
 
+def test_adam_state_made_at_set_up_gives_the_same_updates_as_lazy_state():
+    """``materialize_adam_state`` creates what AdamW's first step would (step 0, zero moments):
+    the same parameters bit for bit after three steps, with weight decay and AMSGrad."""
+    from relayrl.rl.deepspeed_backend import materialize_adam_state
+
+    for amsgrad in (False, True):
+        runs = []
+        for eager in (False, True):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+            model[0].bias.requires_grad_(False)  # a frozen parameter gets no state either way
+            opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, amsgrad=amsgrad, foreach=False)
+            if eager:
+                materialize_adam_state(opt)
+                st = opt.state[model[0].weight]
+                assert float(st["step"]) == 0.0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+                assert ("max_exp_avg_sq" in st) == amsgrad and model[0].bias not in opt.state
+            x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+            for _ in range(3):
+                opt.zero_grad()
+                model(x).square().sum().backward()
+                opt.step()
+            runs.append([p.detach().clone() for p in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True)), amsgrad
+    with pytest.raises(TypeError, match="SGD"):
+        materialize_adam_state(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
+
+
 def test_grad_clip_and_warmup(tiny):
     # eps = 1 puts AdamW's first step in its near-linear regime, update = lr * g / (|g| + 1), so
     # the clip shows in the weights. Clipping to norm 0.5 must equal an unclipped run on the loss

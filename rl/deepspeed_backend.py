@@ -343,11 +343,8 @@ def materialize_adam_state(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.requires_grad:
-                moments = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                           "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-                if group["amsgrad"]:
-                    moments["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state[index] = moments
+                names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+                state[index] = {"step": torch.tensor(0.0), **{name: torch.zeros_like(p) for name in names}}
             index += 1
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 

@@ -23,6 +23,7 @@ from relayrl.rl.backend import TrainerBackend
 from relayrl.rl.deepspeed_backend import (
     DeepSpeedBackend,
     collate,
+    gather_rows,
     plan_micro_batches,
     token_logprobs_and_entropy,
 )
@@ -132,6 +133,33 @@ def test_token_logprobs_chunked_equals_direct_with_grad(monkeypatch):
     torch.testing.assert_close(lp, ref_lp, atol=1e-6, rtol=0)
     torch.testing.assert_close(ent, ref_ent, atol=1e-6, rtol=0)
     torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+
+
+def test_gather_rows_equals_indexing_and_sums_repeated_rows_in_order():
+    # Hand-worked: rows 0 and 2 of x; row 0 taken three times.
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], requires_grad=True)
+    rows = torch.tensor([[0, 2], [0, 0]])
+    out = gather_rows(x, rows)
+    assert out.tolist() == [[[1.0, 2.0], [5.0, 6.0]], [[1.0, 2.0], [1.0, 2.0]]]
+    out.backward(torch.tensor([[[1.0, 10.0], [2.0, 20.0]], [[3.0, 30.0], [4.0, 40.0]]]))
+    assert x.grad.tolist() == [[8.0, 80.0], [0.0, 0.0], [2.0, 20.0]]
+    # Large, with repeats (a shared prompt's last row and padding): the same values as
+    # indexing, and each row's gradient the sum of its copies' in the order of rows.reshape(-1).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 300, generator=g, requires_grad=True)
+    rows = torch.randint(1, 50, (4, 64), generator=g)
+    rows[:, 0] = 0
+    rows[2:, 40:] = 0
+    upstream = torch.randn(4, 64, 300, generator=g)
+    assert torch.equal(gather_rows(x, rows), x[rows])
+    (grad,) = torch.autograd.grad((gather_rows(x, rows) * upstream).sum(), x)
+    (ref,) = torch.autograd.grad((x[rows] * upstream).sum(), x)
+    torch.testing.assert_close(grad, ref, rtol=1e-6, atol=1e-5)
+    flat, up = rows.reshape(-1).tolist(), upstream.reshape(-1, 300)
+    in_order = torch.zeros(50, 300)
+    for i, r in enumerate(flat):
+        in_order[r] = in_order[r] + up[i]
+    assert torch.equal(grad, in_order)
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -309,6 +337,31 @@ def test_save_then_load_resumes_bit_identically(tiny, tmp_path, stage):
     assert max_diff(w1, w2) == 0.0
     # The saved hf/ directory is a plain checkpoint of the step-2 weights.
     assert (tmp_path / "ckpt" / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_weights_do_not_follow_the_checkpoint_file_written_in_place(tiny, tmp_path, monkeypatch, own):
+    """The trainer's weights are its own: the model file rewritten in place after set-up (same
+    size, other values) does not change them. Without ``own_parameter_memory`` they are views of
+    the file's private memory map, whose unwritten pages show the new bytes (Linux)."""
+    import shutil
+
+    if not own:
+        monkeypatch.setattr(deepspeed_backend, "own_parameter_memory", lambda model: None)
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny, model_dir)
+    b = backend(str(model_dir))
+    before = {k: v.clone() for k, v in weights(b).items()}
+    (f,) = model_dir.glob("*.safetensors")
+    header = 8 + int.from_bytes(f.read_bytes()[:8], "little")
+    with open(f, "r+b") as fh:  # in place: same inode, same pages
+        fh.seek(header)
+        fh.write(b"\x00" * (f.stat().st_size - header))
+    changed = max_diff(weights(b), before)
+    if own:
+        assert changed == 0.0
+    else:  # the hazard the copy removes: this platform maps the file and shows the write
+        assert changed > 0.0
 
 
 def test_incomplete_or_occupied_checkpoint_paths_are_refused(tiny, tmp_path):

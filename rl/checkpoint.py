@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 
 @dataclass
 class DriverState:
@@ -78,3 +80,53 @@ class CheckpointManager:
     @staticmethod
     def load_state(path: Path) -> DriverState:
         return DriverState(**json.loads((path / "state.json").read_text()))
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def overwrite_safetensors(directory: str | os.PathLike[str], state: dict[str, torch.Tensor]) -> bool:
+    """Write ``state``'s values in place into the safetensors files already in ``directory``, if
+    they fit.
+
+    They fit when every tensor the files hold is in ``state`` with the same dtype and shape,
+    and every other tensor of ``state`` shares its memory with one they hold (a tied weight,
+    saved once). Then each tensor's bytes are written at its offset in its file, and True is
+    returned; otherwise (no files, another layout) nothing is written and the answer is False.
+
+    Why: a weight hand-off rewritten every step as new files makes the kernel find (and zero)
+    fresh pages for all of it each time, which in a loaded job on this CPU cost 0.6-1.5 s for
+    SmolLM2 against ~0.15 s to write the same bytes over pages the file already has. Not atomic:
+    nothing may read the files while it runs.
+    """
+    layout: list[tuple[Path, int, dict[str, Any]]] = []
+    held: set[int] = set()
+    seen: set[str] = set()
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError):
+            return False
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            t = state.get(name)
+            if t is None or _SAFETENSORS_DTYPES.get(t.dtype) != entry.get("dtype") or list(t.shape) != entry.get("shape"):
+                return False
+            held.add(t.data_ptr())
+            seen.add(name)
+        layout.append((file, 8 + n, header))
+    if not layout or any(name not in seen and t.data_ptr() not in held for name, t in state.items()):
+        return False
+    for file, data_start, header in layout:
+        with open(file, "r+b") as f:
+            for name, entry in header.items():
+                data = state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                f.seek(data_start + entry["data_offsets"][0])
+                f.write(memoryview(data.numpy()))
+    return True

@@ -54,6 +54,7 @@ from relayrl.config import OptimConfig, TrainerConfig
 from relayrl.critic.value_model import compute_values, disable_dropout, load_value_model
 from relayrl.rl import distributed
 from relayrl.rl.backend import LossFn, MicroBatch, Role, Sample
+from relayrl.rl.checkpoint import overwrite_safetensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_FORMAT = 1
@@ -804,14 +805,17 @@ class DeepSpeedBackend:
         """Write an HF checkpoint directory (config, safetensors, tokenizer) of the current weights.
 
         All ranks call it (ZeRO-3 gathers); rank 0 writes into a temporary sibling directory
-        and renames it to ``path``, replacing an older export there. ``durable=False`` skips the
-        fsyncs: a weight hand-off to the engines, re-exported if the machine goes down (the
-        rename still means a reader never sees a partial export).
+        and renames it to ``path``, replacing an older export there. ``durable=False`` is a
+        weight hand-off to the engines, re-exported if the machine goes down: no fsyncs, and an
+        earlier hand-off of the same layout at ``path`` is overwritten in place
+        (``overwrite_safetensors``), so the caller must not let a reader read ``path`` meanwhile.
         """
         path = Path(path)
         # Written out before this returns, so the parameters themselves can be (no copy).
         state = self.state_dict_for_engine(on_this_rank=self.rank == 0, copy=False)
-        if self.rank == 0:
+        in_place = (self.rank == 0 and not durable and (path / "config.json").is_file()
+                    and overwrite_safetensors(path, state))
+        if self.rank == 0 and not in_place:
             tmp = path.with_name(f".{path.name}.partial")
             shutil.rmtree(tmp, ignore_errors=True)
             self._write_hf(tmp, state)

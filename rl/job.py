@@ -181,6 +181,7 @@ class Job:
         self._audit: Any = None
         self._engine_actors: list[Any] = []
         self._weights_dir: Path | None = None
+        self._handoff_version: int | None = None  # the version in the hand-off directory
         self.logger: MetricsLogger | None = None
         self.reference: TrainerGroup | None = None
         self.critic: TrainerGroup | None = None
@@ -437,15 +438,24 @@ class Job:
                         raise
             self._engine_version = asyncio.run(_engine_version(self.engine_urls, e.request_timeout_s))
             return
-        path = self._weights_dir / f"v{version:06d}"
-        self.policy.export_hf(str(path), durable=False)  # a hand-off, not a checkpoint
+        self._export_handoff(version)
         self.supervise_engines(force=True)  # a restarted engine loads this export itself
-        asyncio.run(_update_engines(self.engine_urls, str(path), version, e.request_timeout_s))
+        asyncio.run(_update_engines(self.engine_urls, str(self._handoff_path()), version, e.request_timeout_s))
         if self.fleet is not None:
             self._engine_version = asyncio.run(_engine_version(self.engine_urls, e.request_timeout_s))
-        for old in self._weights_dir.glob("v*"):
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
+
+    def _handoff_path(self) -> Path:
+        assert self._weights_dir is not None
+        return self._weights_dir / "policy"
+
+    def _export_handoff(self, version: int) -> None:
+        """The policy's weights of ``version`` written for the engines to load (a hand-off, not a
+        checkpoint). One directory for every version, rewritten in place once it exists: the
+        engines read it only when told to, after this returns (``sync_weights``), or when one is
+        relaunched from it (``supervise_engines``, also from the driver's thread)."""
+        self._handoff_version = None  # a failed write leaves no version claimed
+        self.policy.export_hf(str(self._handoff_path()), durable=False)
+        self._handoff_version = version
 
     def _colocated(self) -> bool:
         return self.cfg.engine.kind == "sglang" and self.cfg.ray.placement == "colocated" and self.fleet is not None
@@ -485,10 +495,9 @@ class Job:
         version = self.state.weight_version
         path = None
         if version > 0:
-            assert self._weights_dir is not None
-            path = str(self._weights_dir / f"v{version:06d}")
-            if not Path(path).is_dir():
-                self.policy.export_hf(path, durable=False)
+            if self._handoff_version != version:
+                self._export_handoff(version)
+            path = str(self._handoff_path())
         restarted = self.fleet.supervise(path, version if version > 0 else None)
         self.engine_urls = self.fleet.update_urls
         if restarted and self.cfg.engine.weight_sync == "distributed":

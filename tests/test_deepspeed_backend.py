@@ -416,6 +416,18 @@ def test_state_dict_for_engine_and_export_hf_round_trip(tiny, tmp_path, stage):
 
     assert AutoTokenizer.from_pretrained(tmp_path / "export").encode("w1 w2") == AutoTokenizer.from_pretrained(tiny).encode("w1 w2")
 
+    # A hand-off (durable=False) over an earlier one: the same files, rewritten in place.
+    handoff = tmp_path / "handoff"
+    b.export_hf(handoff, durable=False)  # the first: a new directory
+    (weights_file,) = handoff.glob("*.safetensors")
+    inode = weights_file.stat().st_ino
+    b.train_step(samples, token_mean_nll(samples))
+    b.export_hf(handoff, durable=False)
+    assert weights_file.stat().st_ino == inode
+    again = AutoModelForCausalLM.from_pretrained(handoff, dtype=torch.float32)
+    assert max_diff(b.state_dict_for_engine(), again.state_dict()) == 0.0
+    assert max_diff(b.state_dict_for_engine(), trained) > 1e-4
+
 
 @pytest.mark.parametrize("stage", [0, 3])
 def test_reference_save_load_restores_its_weights(tiny, tmp_path, stage):

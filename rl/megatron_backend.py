@@ -99,6 +99,7 @@ from relayrl.config import ConfigError, OptimConfig, TrainerConfig
 from relayrl.rl import distributed
 from relayrl.rl.distributed import replica_of  # noqa: F401  (part of this module's API)
 from relayrl.rl.backend import LossFn, MicroBatch, Role, Sample
+from relayrl.rl.checkpoint import overwrite_safetensors
 from relayrl.rl.deepspeed_backend import (
     _as_dtype,
     _fsync_dir,
@@ -933,17 +934,20 @@ class MegatronBackend:
     def export_hf(self, path: str | os.PathLike[str], durable: bool = True) -> None:
         """Write an HF checkpoint directory (config, safetensors, tokenizer); all ranks call it,
         global rank 0 writes into a temporary sibling and renames it to ``path`` (``durable``:
-        fsynced, as ``DeepSpeedBackend.export_hf``)."""
+        fsynced; not durable: a hand-off, rewritten in place when it can be, as
+        ``DeepSpeedBackend.export_hf``)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         state = self.state_dict_for_engine()
-        if self.rank == 0:
+        if self.spec.tie_word_embeddings and self.role != "critic":
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        in_place = (self.rank == 0 and not durable and (path / "config.json").is_file()
+                    and overwrite_safetensors(path, state))
+        if self.rank == 0 and not in_place:
             tmp = path.with_name(f".{path.name}.partial")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            if self.spec.tie_word_embeddings and self.role != "critic":
-                state = {k: v for k, v in state.items() if k != "lm_head.weight"}
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
                       metadata={"format": "pt"})
             self._hf_out_config().save_pretrained(tmp)

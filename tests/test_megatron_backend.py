@@ -438,6 +438,19 @@ def test_export_hf_loads_in_transformers(tiny, tmp_path):
         ref, _ = token_logprobs_and_entropy(hf(input_ids=samples[0]["tokens"][None]).logits, samples[0]["tokens"][None])
     torch.testing.assert_close(mg.forward_logprobs(samples)[0], ref[0], rtol=0, atol=2e-6)
 
+    # A hand-off (durable=False) over an earlier one: the same file, rewritten in place.
+    mg.export_hf(tmp_path / "handoff", durable=False)
+    (weights_file,) = (tmp_path / "handoff").glob("*.safetensors")
+    inode = weights_file.stat().st_ino
+    first = mg.state_dict_for_engine()
+    mg.train_step(samples, nll_loss_fn(int(samples[0]["loss_mask"].sum())))
+    mg.export_hf(tmp_path / "handoff", durable=False)
+    assert weights_file.stat().st_ino == inode
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "handoff").state_dict()
+    now = mg.state_dict_for_engine()
+    assert all(torch.equal(now[k], again[k]) for k in again)
+    assert any(not torch.equal(now[k], first[k]) for k in again)  # the second step's weights, not the first's
+
 
 # ----------------------------------------------------------------------------- TP=2 == TP=1
 

@@ -577,15 +577,16 @@ class DeepSpeedBackend:
                 del hf_ds
         if self.role == "reference":
             model.requires_grad_(False)
-        elif self.zero_stage != 3 and torch.device(self.device).type == "cpu":
-            own_parameter_memory(model)
-        if self.role != "reference" and self.zero_stage == 0 and (tied := _tied_input_embedding(model)) is not None:
-            # The tied weight's gradient is dense anyway (the LM head's); the lookup's part,
-            # as a sparse gradient of the looked-up rows, is added into it, instead of a
-            # zero-filled dense copy of the whole vocabulary summed in (three passes over the
-            # embedding per micro-batch, ~5% of a SmolLM2 step on this CPU). The same numbers:
-            # only the addition is cheaper. Without ZeRO only: its hooks would see the sparse part.
-            tied.sparse = True
+        else:
+            if self.zero_stage != 3 and torch.device(self.device).type == "cpu":
+                own_parameter_memory(model)
+            if self.zero_stage == 0 and (tied := _tied_input_embedding(model)) is not None:
+                # The tied weight's gradient is dense anyway (the LM head's); the lookup's part,
+                # as a sparse gradient of the looked-up rows, is added into it, instead of a
+                # zero-filled dense copy of the whole vocabulary summed in (three passes over the
+                # embedding per micro-batch, ~5% of a SmolLM2 step on this CPU). The same numbers:
+                # only the addition is cheaper. Without ZeRO only: its hooks would see the sparse part.
+                tied.sparse = True
         if self.role != "reference" and self.trainer_cfg.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -813,8 +814,7 @@ class DeepSpeedBackend:
         path = Path(path)
         # Written out before this returns, so the parameters themselves can be (no copy).
         state = self.state_dict_for_engine(on_this_rank=self.rank == 0, copy=False)
-        in_place = (self.rank == 0 and not durable and (path / "config.json").is_file()
-                    and overwrite_safetensors(path, state))
+        in_place = self.rank == 0 and not durable and overwrite_safetensors(path, state)
         if self.rank == 0 and not in_place:
             tmp = path.with_name(f".{path.name}.partial")
             shutil.rmtree(tmp, ignore_errors=True)

@@ -942,8 +942,7 @@ class MegatronBackend:
         state = self.state_dict_for_engine()
         if self.spec.tie_word_embeddings and self.role != "critic":
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-        in_place = (self.rank == 0 and not durable and (path / "config.json").is_file()
-                    and overwrite_safetensors(path, state))
+        in_place = self.rank == 0 and not durable and overwrite_safetensors(path, state)
         if self.rank == 0 and not in_place:
             tmp = path.with_name(f".{path.name}.partial")
             shutil.rmtree(tmp, ignore_errors=True)

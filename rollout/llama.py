@@ -39,6 +39,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
+from relayrl.rollout import cpu_kernels
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
@@ -324,6 +326,11 @@ class LlamaModel:
     prepack_weights: run the linears on oneDNN pre-packed copies of their weights (``Linear``);
     default: for fp32 where this torch build has oneDNN. ``False``: plain ``F.linear`` (the
     reference).
+
+    kernels: run relayrl's fused CPU kernels (``cpu_kernels``: decode attention, RMSNorm, RoPE
+    with the cache write); default: where they cover this model's head dim and dtype and can be
+    built here (``cpu_kernels.load``). ``False``: the torch references (SDPA with a length mask,
+    ``F.rms_norm``, ``apply_rope`` and ``index_copy_``).
     """
 
     def __init__(
@@ -333,7 +340,17 @@ class LlamaModel:
         max_seq_len: int = 2048,
         dtype: torch.dtype = torch.float32,
         prepack_weights: bool | None = None,
+        kernels: bool | None = None,
     ) -> None:
+        if kernels is None:
+            kernels = cpu_kernels.supports(spec.head_dim, dtype) and cpu_kernels.load() is None
+        elif kernels:
+            if not cpu_kernels.supports(spec.head_dim, dtype):
+                raise ValueError(f"kernels=True: relayrl's CPU kernels cover float32 and head dims "
+                                 f"{cpu_kernels.SUPPORTED_HEAD_DIMS}, not {dtype} / head_dim {spec.head_dim}")
+            if (reason := cpu_kernels.load()) is not None:
+                raise ValueError(f"kernels=True: relayrl's CPU kernels cannot be used here: {reason}")
+        self.kernels = kernels
         if prepack_weights is None:
             prepack_weights = dtype == torch.float32 and onednn_packing_available()
         elif prepack_weights and not onednn_packing_available():
@@ -360,10 +377,11 @@ class LlamaModel:
     @classmethod
     def from_pretrained(
         cls, model_dir: str | Path, max_batch_size: int = 32, max_seq_len: int = 2048,
-        dtype: torch.dtype = torch.float32, prepack_weights: bool | None = None,
+        dtype: torch.dtype = torch.float32, prepack_weights: bool | None = None, kernels: bool | None = None,
     ) -> "LlamaModel":
         spec = LlamaSpec.from_hf_config(read_hf_config(model_dir))
-        model = cls(spec, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=dtype, prepack_weights=prepack_weights)
+        model = cls(spec, max_batch_size=max_batch_size, max_seq_len=max_seq_len, dtype=dtype,
+                    prepack_weights=prepack_weights, kernels=kernels)
         model.load_state_dict(read_safetensors(model_dir))
         return model
 
@@ -404,6 +422,8 @@ class LlamaModel:
     # ----------------------------------------------------------------- pieces
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.kernels and x.is_contiguous():
+            return cpu_kernels.rms_norm(x, w, self.spec.rms_norm_eps)
         return F.rms_norm(x, (x.shape[-1],), w, self.spec.rms_norm_eps)
 
     def _qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -546,31 +566,37 @@ class LlamaModel:
         the slot's cached length before this step). Writes the new keys/values at
         ``cache[:, i, :, positions[i]]`` and attends over ``0..positions[i]``.
 
-        The G query heads of one KV group are laid out along SDPA's query-length axis
-        (``[n, Hkv, G, D]``), so grouped-query attention needs no repeated keys/values.
+        The G query heads of one KV group are laid out along the query axis (``[n, Hkv, G, D]``),
+        so grouped-query attention needs no repeated keys/values. With ``kernels``: RoPE and the
+        cache writes in one ``cpu_kernels.rope_store`` (not for q/k-normed models), attention on
+        ``cpu_kernels.decode_attention``.
         """
         s = self.spec
         n = tokens.shape[0]
         hkv, g, d = s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim
-        span = int(positions.max()) + 1
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        # Additive length mask: each slot sees its own prefix and the new token (0), not the
-        # stale positions of longer neighbours (-inf).
-        mask = torch.zeros(n, 1, 1, span, dtype=self.dtype).masked_fill_(
-            (self._positions[:span][None, :] > positions[:, None]).view(n, 1, 1, span), float("-inf")
-        )
-        # Row of (slot i, kv head h, position p) in a layer's cache viewed as [B*Hkv*S, D]:
-        # one index_copy_ per layer writes all new keys (much cheaper than 2-D index_put).
-        rows = ((self._positions[:n, None] * hkv + self._positions[None, :hkv]) * self.max_seq_len + positions[:, None]).view(-1)
+        lengths = positions + 1
+        fused_rope = self.kernels and not s.qk_norm
+        # The reference's mask, once per step: each slot sees its own prefix and the new token.
+        mask = None if self.kernels else cpu_kernels.length_mask(lengths, self.dtype)
+        if not fused_rope:
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+            # Row of (slot i, kv head h, position p) in a layer's cache viewed as [B*Hkv*S, D]:
+            # one index_copy_ per layer writes all new keys (much cheaper than 2-D index_put).
+            rows = ((self._positions[:n, None] * hkv + self._positions[None, :hkv]) * self.max_seq_len + positions[:, None]).view(-1)
         x = self.embed[tokens]
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
             kc, vc = self.k_cache[li], self.v_cache[li]
-            kc.view(-1, d).index_copy_(0, rows, k.reshape(n * hkv, d))
-            vc.view(-1, d).index_copy_(0, rows, v.reshape(n * hkv, d))
-            attn = F.scaled_dot_product_attention(
-                q.view(n, hkv, g, d), kc[:n, :, :span], vc[:n, :, :span], attn_mask=mask
-            )
+            if fused_rope:
+                qkv = layer.qkv(self._norm(x, layer.input_norm)).view(n, s.num_heads + 2 * hkv, d)
+                q = cpu_kernels.rope_store(qkv, self.cos, self.sin, positions, kc, vc, s.num_heads)
+            else:
+                q, k, v = self._qkv(layer, x, cos, sin)
+                kc.view(-1, d).index_copy_(0, rows, k.reshape(n * hkv, d))
+                vc.view(-1, d).index_copy_(0, rows, v.reshape(n * hkv, d))
+            if self.kernels:
+                attn = cpu_kernels.decode_attention(q.view(n, hkv, g, d), kc, vc, lengths)
+            else:
+                attn = cpu_kernels.decode_attention_reference(q.view(n, hkv, g, d), kc, vc, lengths, mask)
             x = self._mlp_residual(layer, x, attn.reshape(n, -1))
         return self.logits(x)
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from relayrl.model import make_tiny_model
+from relayrl.rollout import cpu_kernels
 from relayrl.rollout.cpu_engine import CpuEngine, SamplingBatch, sample, sample_reference, truncate_probs
 from relayrl.rollout.engine import Completion, Engine, EngineError, GenerateRequest, SamplingParams
 from relayrl.rollout.llama import LlamaModel, LlamaSpec, onednn_packing_available, read_hf_config, read_safetensors
@@ -120,14 +121,19 @@ def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 @pytest.mark.parametrize("prepack", [
     pytest.param(True, marks=pytest.mark.skipif(not onednn_packing_available(), reason="torch built without oneDNN")),
     False])
+@pytest.mark.parametrize("kernels", [
+    pytest.param(True, marks=pytest.mark.skipif(cpu_kernels.load() is not None, reason="CPU kernels unavailable")),
+    False])
 @pytest.mark.parametrize("variant", ["llama_tied", "llama3_rope_untied", "qwen2_bias", "qwen3_qknorm"])
-def test_forward_prefill_decode_equal_hf(model_dirs, variant, prepack):
+def test_forward_prefill_decode_equal_hf(model_dirs, variant, prepack, kernels):
     """Full forward, packed prefill of 4 prompts and 6 batched decode steps vs HF logprobs;
     with the linears on oneDNN pre-packed weights (fused residual adds and SwiGLU) and on
-    plain ``F.linear`` (the reference)."""
+    plain ``F.linear`` (the reference); with relayrl's CPU kernels (decode attention, RMSNorm,
+    RoPE with the cache writes) and with their torch references."""
     hf = _hf(model_dirs[variant])
-    model = LlamaModel.from_pretrained(model_dirs[variant], max_batch_size=4, max_seq_len=64, prepack_weights=prepack)
-    assert model.prepack_weights is prepack
+    model = LlamaModel.from_pretrained(model_dirs[variant], max_batch_size=4, max_seq_len=64, prepack_weights=prepack,
+                                       kernels=kernels)
+    assert model.prepack_weights is prepack and model.kernels is kernels
     vocab = model.spec.vocab_size
     seqs = [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 17, 9, 12)]
     ref = [_hf_logprobs(hf, s) for s in seqs]

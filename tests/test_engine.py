@@ -247,6 +247,23 @@ def test_prefill_in_padded_groups_equals_hf(model_dirs, variant):
         torch.testing.assert_close(model.v_cache[:, i, :, :n], alone.v_cache[:, i, :, :n], atol=1e-5, rtol=0)
 
 
+def test_without_the_cpu_kernels_the_model_runs_the_references(model_dirs, monkeypatch):
+    """Where the kernels cannot be built, the default falls back to the torch references and
+    says why; asking for them is a clear error naming the reason."""
+    monkeypatch.setenv("RELAYRL_CPU_KERNELS", "0")
+    assert cpu_kernels._load() == "RELAYRL_CPU_KERNELS=0"
+    monkeypatch.delenv("RELAYRL_CPU_KERNELS")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert "no C++ compiler" in cpu_kernels._load()
+    monkeypatch.setattr(cpu_kernels, "load", lambda: "no C++ compiler (test)")
+    model = LlamaModel.from_pretrained(model_dirs["llama_tied"], max_batch_size=2, max_seq_len=32)
+    assert model.kernels is False
+    model.prefill([[1, 2, 3], [4, 5]], slots=[0, 1])
+    assert model.decode(torch.tensor([6, 7]), torch.tensor([3, 2])).shape == (2, model.spec.vocab_size)
+    with pytest.raises(ValueError, match=r"kernels=True.*no C\+\+ compiler \(test\)"):
+        LlamaModel.from_pretrained(model_dirs["llama_tied"], max_batch_size=2, max_seq_len=32, kernels=True)
+
+
 def test_spec_reads_variant_flags(model_dirs):
     q2 = LlamaSpec.from_hf_config(read_hf_config(model_dirs["qwen2_bias"]))
     q3 = LlamaSpec.from_hf_config(read_hf_config(model_dirs["qwen3_qknorm"]))

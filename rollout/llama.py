@@ -25,6 +25,11 @@ GEMM shapes on a CPU).
 Why compact slots: the engine keeps active sequences in slots ``0..n-1`` (a finishing sequence's
 slot is filled by moving the last one into it, ``move_slot``), so attention reads a plain view
 ``cache[l, :n, :, :len]`` instead of gathering scattered slots every layer.
+
+Why kernels: a decode step's attention, RMSNorm and RoPE are small ops that torch runs as many
+passes (SDPA, built for long query blocks, read the cache at half the memory's speed);
+``cpu_kernels`` has one-pass C++ versions, each beside the torch reference it must equal
+(``LlamaModel(kernels=False)`` runs the references).
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@
 - ``rope_store``: a decode step's RoPE on q and k and the cache writes of k and v in one pass.
 
 The C++ file is compiled on first use with torch's extension builder (a C++ compiler and ninja;
-~20 s once per machine and torch version, cached under ``$RELAYRL_CACHE/kernels``) for x86 CPUs
+~18 s once per machine and torch version, cached under ``$RELAYRL_CACHE/kernels``) for x86 CPUs
 with AVX2 (torch's CPU capability AVX2 or AVX512). Where that is not possible (another CPU, no
 compiler, a failed build) or ``RELAYRL_CPU_KERNELS=0`` is set, ``load`` says why and the engine
-runs the reference (SDPA) instead: the same results, slower.
+runs the torch references instead: the same results, slower.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def load() -> str | None:
         if "reason" not in _state:
             _state["reason"] = _load()
             if _state["reason"] is not None:
-                log.warning("relayrl CPU kernels unavailable (%s); the engine uses torch SDPA (same results, slower).",
+                log.warning("relayrl CPU kernels unavailable (%s); the engine runs the torch references (same results, slower).",
                             _state["reason"])
         return _state["reason"]
 
@@ -76,13 +76,13 @@ def _load() -> str | None:
             extra_cflags=["-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-fopenmp"],
         )
     except Exception as exc:  # a compiler error, a missing header: fall back, say why
-        first = str(exc).strip().splitlines()
-        return f"build failed in {build_dir}: {first[-1] if first else type(exc).__name__}"
+        lines = str(exc).strip().splitlines()
+        return f"build failed in {build_dir}: {lines[-1] if lines else type(exc).__name__}"
     return None
 
 
 def supports(head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether ``decode_attention`` covers this head dim and dtype."""
+    """Whether the kernels cover a model of this head dim and dtype."""
     return dtype == torch.float32 and head_dim in SUPPORTED_HEAD_DIMS
 
 

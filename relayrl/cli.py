@@ -2,7 +2,9 @@
 
     relayrl train CONFIG.yaml [dotted.key=value ...]     train (resume with run.resume=true)
     relayrl distill CONFIG.yaml [dotted.key=value ...]   distil the distill.teachers into the student
-    relayrl eval CONFIG.yaml [--student DIR] [k=v ...]  per-domain metrics of the student and each teacher
+    relayrl eval CONFIG.yaml [--checkpoint DIR] [--tasks F] [--samples K]
+                                                        pass@k of a checkpoint through the agent loop
+    relayrl eval CONFIG.yaml --distill [--student DIR]  per-domain metrics of the student and each teacher
     relayrl report RUN_DIR                              PNG plots of a run's metrics
     relayrl config show CONFIG.yaml [dotted.key=value]  the validated config, every default filled in
     relayrl convert-model smollm2 [--cache-dir DIR]     convert the bundled SmolLM2 once
@@ -12,8 +14,9 @@
     relayrl antihack check [--rules-only] [--config F]  verdicts for JSON-line tool calls on stdin
 
 Exit codes: 0 success; 2 a user mistake (bad config, missing file, bad argument), reported as
-one paragraph naming the key and the fix, without a traceback; 130 interrupted (Ctrl-C); 1 an
-unexpected error, with its traceback (a bug to report).
+one paragraph naming the key and the fix, without a traceback; 3 the work could not be done
+(``relayrl eval``: episodes whose engine or sandbox failed; the message names them); 130
+interrupted (Ctrl-C); 1 an unexpected error, with its traceback (a bug to report).
 """
 
 from __future__ import annotations
@@ -25,7 +28,18 @@ from pathlib import Path
 from relayrl.config import ConfigError, dump_config, load_config
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 3
 EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -47,12 +61,26 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from relayrl.opd.evaluate import evaluate, format_report, write_report
+    kind = "distill" if args.distill or args.student else cfg.eval.kind
+    if kind == "auto":
+        kind = "distill" if cfg.distill.teachers else "agent"
+    if kind == "distill":
+        from relayrl.opd.evaluate import evaluate, format_report, write_report
 
-    report = evaluate(cfg, args.student)
-    print(format_report(report))
-    out = Path(args.out) if args.out else cfg.run.run_dir / "eval.json"
-    print(write_report(report, out))
+        report = evaluate(cfg, args.student or args.checkpoint)
+        print(format_report(report))
+        out = Path(args.out) if args.out else cfg.run.run_dir / "eval.json"
+        print(write_report(report, out))
+        return 0
+    from relayrl.rl.evaluation import EvalFailed, evaluate_agent, format_summary
+
+    try:
+        summary, path = evaluate_agent(cfg, args.checkpoint, args.tasks, args.samples, args.limit, args.out)
+    except EvalFailed as e:
+        print(f"relayrl eval: error: {e}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    print(format_summary(summary, f"relayrl eval: {args.checkpoint or cfg.model.path}"))
+    print(path)
     return 0
 
 
@@ -153,12 +181,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
     p.set_defaults(func=_cmd_distill)
 
-    p = sub.add_parser("eval", help="per-domain metrics of a distilled student and of each teacher")
-    p.add_argument("config", metavar="CONFIG", help="the distillation YAML (its distill.teachers, env and tasks)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint through the agent loop (pass@k), or a distilled student")
+    p.add_argument("config", metavar="CONFIG", help="the job YAML (its engine, env, rollout and eval sections)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    p.add_argument("--checkpoint", default=None,
+                   help="the model to evaluate: an HF directory, a checkpoint step directory or a run directory "
+                        "(its newest checkpoint); default model.path")
+    p.add_argument("--tasks", default=None, help="held-out tasks: a .jsonl/.parquet file or a set name such as "
+                                                 "pyfunc:heldout (default eval.tasks, else env.tasks)")
+    p.add_argument("--samples", type=_positive_int, default=None,
+                   help="episodes per task, for pass@k (default eval.samples; > 1 needs eval.temperature > 0)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N tasks")
+    p.add_argument("--out", default=None,
+                   help="the per-episode JSONL (default <run_dir>/eval/<checkpoint>.jsonl; the summary goes "
+                        "beside it as .summary.json); for --distill the JSON report (default <run_dir>/eval.json)")
+    p.add_argument("--distill", action="store_true",
+                   help="the distillation report instead: per-domain metrics of the student and each teacher")
     p.add_argument("--student", default=None,
-                   help="the student checkpoint (default: <run_dir>/student if it exists, else model.path)")
-    p.add_argument("--out", default=None, help="the JSON report (default: <run_dir>/eval.json)")
+                   help="with --distill: the student checkpoint (default <run_dir>/student if it exists, "
+                        "else model.path)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("report", help="write PNG plots of a run's metrics.jsonl")
@@ -216,7 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # usage errors: argparse prints them and exits 2
+    # Overrides may come after options too (relayrl eval CONFIG --limit 4 run.name=x).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as e:

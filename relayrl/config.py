@@ -452,6 +452,37 @@ class LoggingConfig(_Section):
     """Show a progress bar of steps and rollouts."""
 
 
+class EvalConfig(_Section):
+    """Held-out evaluation through the agent loop: ``relayrl eval`` and, every ``every`` steps,
+    during training. Episodes run exactly as in training (parser, env, sandboxes, anti-hack gate,
+    scoring), with this section's sampling; metrics are logged as ``eval/*``."""
+
+    kind: Literal["auto", "agent", "distill"] = "auto"
+    """What ``relayrl eval`` measures: ``agent`` (this section: pass@k through the agent loop),
+    ``distill`` (the distillation report of ``distill.teachers``), ``auto`` (distill when
+    ``distill.teachers`` is set, else agent)."""
+    tasks: str | None = None
+    """Held-out tasks: a jsonl / parquet file or a task-set name (``pyfunc:heldout``). None:
+    no evaluation during training, and ``relayrl eval`` uses ``env.tasks`` unless ``--tasks``."""
+    every: int = Field(0, ge=0)
+    """Evaluate every this many training steps (and after the last); 0 = never during training."""
+    at_start: bool = True
+    """During training, also evaluate the initial weights (logged as step 0) when ``every`` > 0."""
+    samples: int = Field(1, ge=1)
+    """Episodes per task: pass@k is reported for every k up to this (unbiased estimator)."""
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature of evaluation episodes; 0 = greedy."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold of evaluation episodes."""
+    max_tasks: int | None = Field(None, ge=1)
+    """Evaluate only the first this many tasks; None = all."""
+    pass_threshold: float = 1.0
+    """An episode passes when its reward is at least this (1.0: every hidden test passed)."""
+    seed: int = 1234
+    """Base of the per-episode sampling seeds (the same for every evaluation, so two
+    checkpoints are compared on the same draws)."""
+
+
 class TeacherConfig(_Section):
     name: str
     """The teacher's name (in metrics, ``relayrl eval`` and ``distill.fallback_teacher``)."""
@@ -532,6 +563,7 @@ class Config(_Section):
     trainer: TrainerConfig = TrainerConfig()
     train: TrainConfig = TrainConfig()
     logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
     distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="after")
@@ -541,6 +573,12 @@ class Config(_Section):
                 "rollout.max_weight_lag: deterministic runs are on-policy; set it to 0 or set "
                 "run.deterministic=false"
             )
+        if self.eval.samples > 1 and self.eval.temperature == 0:
+            raise ValueError(f"eval.samples ({self.eval.samples}): greedy episodes (eval.temperature=0) are all "
+                             "the same; set eval.samples=1 or eval.temperature > 0 (e.g. 0.8) for pass@k")
+        if self.eval.every > 0 and self.eval.tasks is None:
+            raise ValueError("eval.every: evaluation during training needs held-out tasks in eval.tasks "
+                             "(a task file or a set name such as pyfunc:heldout), or set eval.every=0")
         if self.algorithm.estimator == "grpo" and self.rollout.group_size < 2:
             raise ValueError(
                 "rollout.group_size: the grpo estimator compares episodes of the same task; "

@@ -8,7 +8,9 @@
 - wandb: ``offline`` (default) writes under ``<run_dir>/wandb`` and never touches the network;
   ``online`` syncs; ``disabled`` imports and calls nothing of wandb. The run id is kept in
   ``<run_dir>/wandb_run_id`` so a resumed run continues the same wandb run.
-- A rich progress display (on stderr) of training steps and finished rollouts.
+- A rich progress display (on stderr) of training steps and finished rollouts when stderr is a
+  terminal; otherwise (CI, ``| tee``, nohup) one plain line per step: step, reward, pass rate,
+  held-out pass@1 when evaluated, seconds.
 
 Metric names are free-form; ``/`` groups them (``reward/mean``, ``actor/pg_loss``). The report
 recognises names containing ``reward``, ``kl``, ``vf_loss``/``value_loss``, ``entropy`` and
@@ -21,6 +23,8 @@ import json
 import math
 import os
 import secrets
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +103,14 @@ class MetricsLogger:
         self._file = open(self.path, "a", encoding="utf-8")
         self._progress = None
         self._rollouts = 0
+        self._plain_lines = False
+        self._total_steps = total_steps
+        self._last_log = time.monotonic()
         if cfg.progress:
-            self._start_progress(resume_step, total_steps)
+            if sys.stderr.isatty():
+                self._start_progress(resume_step, total_steps)
+            else:
+                self._plain_lines = True
         self._closed = False
 
     # -- wandb -------------------------------------------------------------------------------
@@ -169,8 +179,6 @@ class MetricsLogger:
         if self._progress is not None:
             self._progress.console.print(text)
         else:
-            import sys
-
             print(text, file=sys.stderr, flush=True)
 
     # -- logging -----------------------------------------------------------------------------
@@ -189,6 +197,10 @@ class MetricsLogger:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self._progress is not None:
             self._progress.update(self._steps_task, completed=record["step"], info=_headline(record))
+        now = time.monotonic()
+        if self._plain_lines:
+            print(plain_line(record, self._total_steps, now - self._last_log), file=sys.stderr, flush=True)
+        self._last_log = now
 
     def close(self) -> None:
         if self._closed:
@@ -205,6 +217,18 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def plain_line(record: dict[str, Any], total_steps: int | None, seconds: float) -> str:
+    """One step as one line of text, for logs that are not a terminal."""
+    step = f"step {record['step']}" + (f"/{total_steps}" if total_steps else "")
+    parts = [step]
+    for key, label in (("reward/mean", "reward"), ("rollout/env/all_pass", "pass"), ("eval/pass@1", "eval pass@1")):
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            parts.append(f"{label} {value:.3f}")
+    parts.append(f"{seconds:.1f} s")
+    return " | ".join(parts)
 
 
 def _headline(record: dict[str, Any]) -> str:

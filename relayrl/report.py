@@ -2,9 +2,11 @@
 
 Writes into ``<run_dir>/report/``:
 
-- one plot per headline quantity, when the run logged it: ``reward.png``, ``kl.png``,
-  ``value_loss.png``, ``entropy.png``, ``tokens_per_s.png`` (every series whose name matches,
-  e.g. ``reward/mean`` and ``reward/max`` share ``reward.png``);
+- one plot per headline quantity, when the run logged it: ``reward.png``, ``eval.png``
+  (held-out pass@k and reward), ``kl.png``, ``value_loss.png``, ``entropy.png``,
+  ``tokens_per_s.png`` (every series whose name matches, e.g. ``reward/mean`` and ``reward/max``
+  share ``reward.png``);
+- ``learning.png``: training reward and held-out pass@1 against step, when both were logged;
 - ``all_metrics.png`` (``all_metrics_2.png``, ... past 24 series a page): a grid with every numeric
   series, one panel each.
 
@@ -39,7 +41,8 @@ def _contains(*subs: str):
 
 
 HEADLINE_PLOTS = [
-    ("reward", "Reward", _contains("reward")),
+    ("reward", "Reward", lambda name: "reward" in name.lower() and not name.startswith("eval/")),
+    ("eval", "Held-out evaluation (eval/*)", lambda name: name.startswith("eval/pass@") or name == "eval/reward"),
     ("kl", "KL", _has_part("kl")),
     ("value_loss", "Value loss", _contains("vf_loss", "value_loss", "critic/loss")),
     ("entropy", "Entropy", _contains("entropy")),
@@ -102,6 +105,25 @@ def _locate(run_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     return given, path
 
 
+def _learning_plot(series: dict[str, tuple[list[int], list[float]]], figure: Any) -> Any:
+    """Training reward and held-out pass@1 against step, on one axis (both in [0, 1] for
+    pass-fraction rewards): the curve a learning claim is read from."""
+    fig = figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    steps, values = series["reward/mean"]
+    ax.plot(steps, values, alpha=0.5, label="training reward (reward/mean)")
+    if len(values) >= 5:  # a trailing mean over 5 steps: the per-step batch is small and noisy
+        smooth = [sum(values[max(0, i - 4):i + 1]) / len(values[max(0, i - 4):i + 1]) for i in range(len(values))]
+        ax.plot(steps, smooth, color="C0", label="training reward, mean of 5 steps")
+    steps, values = series["eval/pass@1"]
+    ax.plot(steps, values, marker="o", color="C3", label="held-out pass@1 (eval/pass@1)")
+    ax.set_title("Learning: training reward and held-out pass@1")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
 def write_report(run_dir: str | os.PathLike[str], panels_per_page: int = PANELS_PER_PAGE) -> list[Path]:
     """Write the plots of ``run_dir``'s metrics.jsonl; return the PNG paths written.
 
@@ -137,6 +159,11 @@ def write_report(run_dir: str | os.PathLike[str], panels_per_page: int = PANELS_
             ax.legend(fontsize="small")
         target = out_dir / f"{stem}.png"
         fig.savefig(target, dpi=100)
+        written.append(target)
+
+    if "reward/mean" in series and "eval/pass@1" in series:
+        target = out_dir / "learning.png"
+        _learning_plot(series, Figure).savefig(target, dpi=100)
         written.append(target)
 
     for stale in out_dir.glob("all_metrics_*.png"):  # pages of an earlier, longer report

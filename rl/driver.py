@@ -35,6 +35,8 @@ def train(cfg: Config, job_type: type[Job] = Job) -> Path:
     """
     with job_type.start(cfg) as job:
         state = job.state
+        if state.step == 0 and job.eval_due(0):
+            job.log(0, job.evaluate(0))
         for step in range(state.step, cfg.train.steps):
             timer = StepTimer()
             t0 = time.perf_counter()
@@ -67,6 +69,10 @@ def train(cfg: Config, job_type: type[Job] = Job) -> Path:
                 with timer("weight_sync"):
                     state.weight_version += 1
                     job.sync_weights(state.weight_version)
+
+            if job.eval_due(step + 1):
+                with timer("eval"):
+                    metrics |= job.evaluate(step + 1)
 
             state.step = step + 1
             state.slot_cursor = job.rollouts.slot_cursor

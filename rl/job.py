@@ -269,6 +269,10 @@ class Job:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self.tasks = load_tasks(self.cfg.env, type(env), self.cfg.run.seed)
+        self.eval_tasks: list[dict[str, Any]] = []
+        if self.cfg.eval.every > 0:
+            eval_env = self.cfg.env.model_copy(update={"tasks": self.cfg.eval.tasks})
+            self.eval_tasks = load_tasks(eval_env, type(env), self.cfg.run.seed)[: self.cfg.eval.max_tasks]
         preflight_env(env)
         if self.cfg.engine.router and self.cfg.engine.kind != "external":
             from relayrl.rollout.sglang_engine import router_command
@@ -503,6 +507,42 @@ class Job:
         if restarted and self.cfg.engine.weight_sync == "distributed":
             self.policy.reset_weight_sender()
         return restarted
+
+    def eval_due(self, step: int) -> bool:
+        """Whether the held-out evaluation runs after ``step`` (0: the initial weights)."""
+        ev = self.cfg.eval
+        if ev.every <= 0:
+            return False
+        if step == 0:
+            return ev.at_start
+        return step % ev.every == 0 or step == self.cfg.train.steps
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Run the held-out tasks (``eval`` section) on the engines' current weights, spread over
+        the rollout workers; write the episodes to ``<run_dir>/eval/step_NNNNNN.jsonl`` and
+        return the ``eval/*`` metrics. Episodes that could not run are counted, not scored."""
+        from .evaluation import EVAL_DIR, episode_record, eval_jobs, failure_message, summarize
+
+        ev = self.cfg.eval
+        jobs = eval_jobs(self.eval_tasks, ev.samples, ev.seed)
+        n = len(self.workers)
+        chunks = [jobs[i::n] for i in range(n)]
+        results = ray.get([w.evaluate.remote(c, ev.temperature, ev.top_p)
+                           for w, c in zip(self.workers, chunks, strict=True) if c])
+        by_id = {t.trajectory_id: t for ts in results for t in ts}
+        if getattr(self, "_tokenizer", None) is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+        records = [episode_record(j, by_id[j.trajectory_id], ev, decode) for j in jobs]
+        out = self.run_dir / EVAL_DIR / f"step_{step:06d}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        summary = summarize(records, ev.samples)
+        if summary["eval/failed"] and self.logger is not None:
+            self.logger.message(f"*** relayrl WARNING: evaluation after step {step}: {failure_message(records)}")
+        return summary
 
     def record_verdicts(self, step: int, groups: list[list[Trajectory]]) -> dict[str, float]:
         """Append the step's anti-hack verdicts to the audit log; their counts as metrics."""

@@ -9,8 +9,9 @@ still in flight). An episode whose engine or sandbox failed is retried, then rec
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -97,9 +98,9 @@ class RolloutWorker:
                                               provider, gate=self.gate)
         return run
 
-    async def _episode(self, job: EpisodeJob) -> Trajectory:
+    async def _episode(self, job: EpisodeJob, limits: AgentLimits | None = None) -> Trajectory:
         return await run_episode_with_retries(job, self.env_factory, self.engine, self.chat, self.parser,
-                                              self.limits, self.cfg.max_episode_retries, self.compactor,
+                                              limits or self.limits, self.cfg.max_episode_retries, self.compactor,
                                               gate=self.gate, runner=self.runner, spawner=self.spawner)
 
     async def _run_one(self, job: EpisodeJob) -> str:
@@ -114,6 +115,22 @@ class RolloutWorker:
     async def run(self, jobs: list[EpisodeJob]) -> list[str]:
         """Run ``jobs`` concurrently; each trajectory goes to the buffer as it finishes."""
         return list(await asyncio.gather(*(self._run_one(j) for j in jobs)))
+
+    async def evaluate(self, jobs: list[EpisodeJob], temperature: float, top_p: float = 1.0,
+                       on_done: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
+        """Run ``jobs`` as training would, but sampling at ``temperature`` / ``top_p`` (0 =
+        greedy), and return their trajectories in order; nothing goes to the buffer.
+        ``on_done(trajectory)`` is called as each one finishes (a progress bar)."""
+        limits = dataclasses.replace(self.limits, temperature=temperature, top_p=top_p)
+
+        async def one(job: EpisodeJob) -> Trajectory:
+            async with self._sem:
+                traj = await self._episode(job, limits)
+            if on_done is not None:
+                on_done(traj)
+            return traj
+
+        return list(await asyncio.gather(*(one(j) for j in jobs)))
 
     async def close(self) -> None:
         await self.engine.close()

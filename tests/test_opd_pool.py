@@ -201,7 +201,9 @@ def test_cli_start_up_errors(tmp_path, capsys, teacher_dirs, command):
         cases.append((two, TASKS, "  pool_memory_gb: 1.0e-9\n", "distill.pool_memory_gb: teacher 't0' takes"))
     for teachers, tasks, extra, expected in cases:
         cfg = _config(tmp_path, student, teachers, tasks, extra)
-        assert main([command, str(cfg)]) == 2
+        # The distillation report is `relayrl eval --distill` (plain `eval` of a config without
+        # teachers is the agent-loop evaluation).
+        assert main([command, str(cfg), *(["--distill"] if command == "eval" else [])]) == 2
         err = capsys.readouterr().err
         assert expected in err, err
         assert "Traceback" not in err

@@ -12,6 +12,12 @@ worker, then driven by the agent loop::
 All methods are async so environments can talk to remote sandboxes without blocking the
 worker's other episodes. A user's environment is a class in their own package, named in YAML as
 ``env.name: my_pkg.my_env:MyEnv``.
+
+Optional class attribute ``requires_action: bool`` (read by ``requires_action(env)``; default
+False): True says the env has its own final-answer tool (the coding env's ``submit``), so a
+reply without a tool call is a format error the agent is told about, not the end of the
+episode. With False, such a reply is the agent's final answer and ends the episode. It is not a
+member of the ``Env`` protocol, so envs written without it still pass ``isinstance``.
 """
 
 from __future__ import annotations
@@ -54,6 +60,11 @@ class Env(Protocol):
     async def score(self) -> Score: ...
 
     async def close(self) -> None: ...
+
+
+def requires_action(env: Any) -> bool:
+    """Whether every reply must be a tool call in ``env`` (its ``requires_action``, default False)."""
+    return bool(getattr(env, "requires_action", False))
 
 
 def task_domain(task: dict[str, Any]) -> str:

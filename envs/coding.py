@@ -8,6 +8,12 @@ tests and hidden tests. An episode::
     score()       the hidden tests, run on a clean copy of the final workspace
     close()       every sandbox closed, no process left
 
+That is the agent mode. The single-turn code mode (``mode="code"``) asks for the whole code
+file in one reply instead: one tool, ``answer(text)`` (the ``plain`` parser's), whose fenced
+```` ```python ```` block is written over the task's code file before the same hidden tests run.
+The system prompts name no tool-call syntax: the parser's format instructions, which the agent
+loop's ``ChatFormat`` adds to the system message, say how to act.
+
 What scoring guards against, and what it does not
 -------------------------------------------------
 The agent never sees the hidden tests: they exist only in a second sandbox, created after the
@@ -28,6 +34,7 @@ scoring sandbox still bounds what such code can reach.
 
 from __future__ import annotations
 
+import ast
 import json
 import secrets
 import time
@@ -35,6 +42,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Literal
 
+from relayrl.fences import fenced_blocks
 from relayrl.registry import envs, import_dotted
 from relayrl.types import ToolCall
 
@@ -54,11 +62,23 @@ TOOLS: dict[str, Tool] = {t.name: t for t in (
     Tool("submit", "Finish: your workspace is final and will be graded."),
 )}
 
+CODE_TOOLS: dict[str, Tool] = {t.name: t for t in (
+    Tool("answer", "Your reply: the complete code file in one fenced ```python block.",
+         (Param("text", "string", "The reply text."),)),
+)}
+
 SYSTEM_PROMPT = (
     "You are a careful software engineer working in a sandboxed workspace with no network. "
-    "Use the tools to inspect the files, change them and run the tests. Solve the task in "
-    "the code itself; do not change or special-case the tests. When the task is done, call submit."
+    "Take one action per reply: inspect the files, change them and run the tests. Solve the task "
+    "in the code itself; do not change or special-case the tests. When the task is done, submit."
 )
+
+CODE_SYSTEM_PROMPT = (
+    "You are a careful software engineer. Solve the task in the code itself: hidden tests will "
+    "check the file you write."
+)
+
+CODE_LANGUAGES = ("python", "py", "python3", "")
 
 SHIPPED_TASKS = Path(__file__).parent / "tasks" / "python_tasks.jsonl"
 
@@ -111,35 +131,61 @@ class CodingEnv:
     """Solve a Python task in a sandbox; scored by hidden tests.
 
     Args:
+        mode: ``agent`` (default): the five tools, many turns, the episode ends with ``submit``.
+            ``code``: one turn; the first message holds the instruction and the code file's
+            current content (the stub) and asks for the complete file in one fenced
+            ```` ```python ```` block; the one tool is ``answer(text)``, so it pairs with
+            ``rollout.parser: plain`` (the whole reply is the text) and ``rollout.max_turns: 1``.
+            The code is the reply's first ``python``/``py``/unlabelled fenced block (a block left
+            open at the end counts), else the whole reply if it parses as Python with a
+            statement that is not a bare expression; it replaces the code file and the episode
+            is done. The code file is the task's ``code_file``, else its only ``.py`` file
+            outside tests/. Score details add ``code_found``. ``write_file`` of the code file is
+            accepted too (its content is the code), so ``reference_calls`` and the env contract
+            check work in this mode, and so does a ``markdown`` reply that names the file
+            (```` ```python rle.py ````); but ``plain`` is the parser this mode is written for:
+            the markdown format cannot express ``answer`` and treats a path-less
+            ```` ```python ```` block as a format error by design.
         sandbox: the sandbox provider spec (see ``make_sandbox_provider``); limits apply per command.
         reward: ``pass_fraction`` (hidden tests passed / run) or ``all_pass`` (1 only if all pass).
         max_argument_bytes: the largest tool argument accepted (a longer one is an error observation).
         max_read_bytes: ``read_file`` returns at most this many bytes (with a marker if cut).
         test_timeout_s: wall clock for the visible tests (``run_tests``) and the hidden tests.
-        system_prompt: replaces the default system message.
+        system_prompt: replaces the default system message (of either mode).
     """
+
+    requires_action = True
+    """A reply without a tool call is a format error, not a final answer: the final answer is
+    ``submit`` (agent mode) or ``answer`` (code mode). Read by the agent loop."""
 
     def __init__(self, sandbox: dict[str, Any] | None = None,
                  reward: Literal["pass_fraction", "all_pass"] = "pass_fraction",
                  max_argument_bytes: int = 64 << 10, max_read_bytes: int = 16 << 10,
-                 test_timeout_s: float = 60.0, system_prompt: str | None = None) -> None:
+                 test_timeout_s: float = 60.0, system_prompt: str | None = None,
+                 mode: Literal["agent", "code"] = "agent") -> None:
+        if mode not in ("agent", "code"):
+            raise ValueError(f"mode must be 'agent' or 'code', not {mode!r}")
         if reward not in ("pass_fraction", "all_pass"):
             raise ValueError(f"reward must be 'pass_fraction' or 'all_pass', not {reward!r}")
         if max_argument_bytes <= 0 or max_read_bytes <= 0 or test_timeout_s <= 0:
             raise ValueError("max_argument_bytes, max_read_bytes and test_timeout_s must be > 0")
         if sandbox is not None and not isinstance(sandbox, dict):
             raise ValueError("sandbox must be a mapping like {kind: local, timeout_s: 30}")
+        self.mode = mode
+        self.tools = TOOLS if mode == "agent" else CODE_TOOLS
         self.sandbox_spec = sandbox
         self.reward_kind = reward
         self.max_argument_bytes = max_argument_bytes
         self.max_read_bytes = max_read_bytes
         self.test_timeout_s = test_timeout_s
-        self.system_prompt = system_prompt or SYSTEM_PROMPT
+        self.system_prompt = system_prompt or (SYSTEM_PROMPT if mode == "agent" else CODE_SYSTEM_PROMPT)
         self._provider: SandboxProvider | None = None
         self._sandbox: Sandbox | None = None
         self._task: dict[str, Any] = {}
         self._counts: dict[str, float] = {}
         self._submitted = False
+        self._code_file = ""
+        self._code_found = False
 
     # ---- tasks ----
 
@@ -211,22 +257,40 @@ class CodingEnv:
         self._task = task
         self._counts = {"tool_calls": 0.0, "tool_errors": 0.0, "command_timeouts": 0.0}
         self._submitted = False
+        self._code_found = False
+        if self.mode == "code":
+            self._code_file = code_file(task)
         self._provider = make_sandbox_provider(self.sandbox_spec)
         files = {**_file_list(task, "files"), **_file_list(task, "visible_tests")}
         self._sandbox = await self._provider.create(files)
-        listing = "\n".join(f"- {p}" for p in sorted(files))
-        user = f"{task['instruction'].strip()}\n\nFiles in the workspace:\n{listing}"
+        if self.mode == "code":
+            stub = files.get(self._code_file)
+            current = (f"The current content of {self._code_file}:\n```python\n{stub.rstrip()}\n```"
+                       if stub is not None else f"{self._code_file} does not exist yet.")
+            user = (f"{task['instruction'].strip()}\n\n{current}\n\nReply with the complete new content of "
+                    f"{self._code_file} in one fenced ```python block.")
+        else:
+            listing = "\n".join(f"- {p}" for p in sorted(files))
+            user = f"{task['instruction'].strip()}\n\nFiles in the workspace:\n{listing}"
         messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
-        return Reset(messages=messages, tools=[t.schema() for t in TOOLS.values()])
+        return Reset(messages=messages, tools=[t.schema() for t in self.tools.values()])
 
     async def step(self, call: ToolCall) -> StepResult:
         assert self._sandbox is not None, "step() before reset()"
         self._counts["tool_calls"] += 1
-        problem = check_call(call, TOOLS, self.max_argument_bytes)
+        accepted = self.tools if self.mode == "agent" else {**CODE_TOOLS, "write_file": TOOLS["write_file"]}
+        problem = check_call(call, accepted, self.max_argument_bytes)
+        if problem is None and self.mode == "code" and call.name == "write_file" \
+                and call.arguments["path"] != self._code_file:
+            problem = f"write_file: code mode writes only {self._code_file}"
         if problem is not None:
             self._counts["tool_errors"] += 1
             return StepResult(observation=f"error: {problem}", info={"tool_error": True})
         args = call.arguments
+        if call.name == "answer":
+            return await self._answer(extract_code(args["text"]))
+        if self.mode == "code":  # write_file of the code file: the code itself
+            return await self._answer(args["content"])
         if call.name == "submit":
             self._submitted = True
             return StepResult(observation="submitted", done=True)
@@ -244,6 +308,21 @@ class CodingEnv:
         except SandboxPathError as e:
             self._counts["tool_errors"] += 1
             return StepResult(observation=f"error: {e}", info={"tool_error": True})
+
+    async def _answer(self, code: str | None) -> StepResult:
+        """Code mode: ``code`` (None: the reply held none) replaces the code file; the episode is
+        done either way."""
+        assert self._sandbox is not None
+        self._submitted = True
+        self._code_found = code is not None
+        if code is None:
+            return StepResult(observation="no code found: nothing was written", done=True)
+        try:
+            await self._sandbox.write_file(self._code_file, code)
+        except SandboxPathError as e:  # a task whose code_file is not a workspace path
+            self._counts["tool_errors"] += 1
+            return StepResult(observation=f"error: {e}", done=True, info={"tool_error": True})
+        return StepResult(observation=f"wrote {len(code.encode('utf-8'))} bytes to {self._code_file}", done=True)
 
     async def score(self) -> Score:
         assert self._sandbox is not None and self._provider is not None, "score() before reset()"
@@ -282,6 +361,8 @@ class CodingEnv:
             "network_isolated": float(getattr(self._provider, "network_isolated", False)),
             "score_seconds": time.monotonic() - start,
         }
+        if self.mode == "code":
+            details["code_found"] = float(self._code_found)
         return Score(reward=reward, details=details)
 
     async def close(self) -> None:
@@ -319,6 +400,39 @@ class CodingEnv:
             return data.decode("utf-8", errors="replace")
         kept = data[: self.max_read_bytes].decode("utf-8", errors="ignore")
         return kept + f"\n[... file truncated: {len(data) - self.max_read_bytes} more bytes; use bash (sed -n) to read a range ...]"
+
+
+def code_file(task: dict[str, Any]) -> str:
+    """The file a single-turn answer replaces: the task's ``code_file``, else its only ``.py``
+    file outside tests/; ValueError naming ``code_file`` if that is not one file."""
+    if task.get("code_file"):
+        return str(task["code_file"])
+    candidates = sorted(p for p in _file_list(task, "files") if p.endswith(".py") and not p.startswith("tests/"))
+    if len(candidates) != 1:
+        found = ", ".join(candidates) if candidates else "none"
+        raise ValueError(f"task {task.get('id')!r}: code mode needs the task's 'code_file' (the file the answer "
+                         f"replaces) when 'files' does not hold exactly one .py file outside tests/ (found: {found})")
+    return candidates[0]
+
+
+def extract_code(reply: str) -> str | None:
+    """The code of a single-turn reply, or None if it holds none.
+
+    The first fenced block labelled ``python``/``py``/``python3`` or unlabelled (one left open at
+    the end of the reply counts: generation may stop before the closing fence); without one,
+    the whole reply if it parses as Python and has a statement that is not a bare expression
+    (so prose that happens to parse, a lone word, is not code).
+    """
+    for block in fenced_blocks(reply):
+        if block.language in CODE_LANGUAGES and block.body.strip():
+            return block.body
+    try:
+        tree = ast.parse(reply)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a null byte
+        return None
+    if any(not isinstance(node, ast.Expr) for node in tree.body):
+        return reply.strip("\n") + "\n"
+    return None
 
 
 def junit_counts(report: bytes) -> tuple[int, int]:

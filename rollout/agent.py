@@ -5,6 +5,12 @@ observation with loss_mask 0, until the env says done, the agent answers without
 or a cap (turns, context tokens, segments) cuts the episode. A cap is truncation, not
 termination: the last sub-trace is marked ``terminal=False``.
 
+A reply the parser cannot read is a format error: an ``error: ...`` observation, a
+``parse_error`` event, and the episode goes on. So is a reply without any tool call in an env
+that declares ``requires_action`` (its final answer is a tool, like the coding env's
+``submit``); the parser words the error (``no_action_message``). Their count per episode is the
+``format_errors`` metric.
+
 With a ``Compactor`` (``rollout/compaction.py``), a turn whose context would grow past the
 compactor's limit ends its sub-trace instead: the observation and a summary request are
 appended, the policy writes the summary (the sub-trace's last action), and the episode goes on
@@ -32,13 +38,14 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
-from relayrl.envs.base import Env, task_domain
+from relayrl.envs.base import Env, requires_action, task_domain
 from relayrl.envs.sandbox import SandboxError
 from relayrl.types import Event, ParseError, SubTrace, ToolCall, Trajectory
 
 from .chat import ChatFormat
 from .compaction import Compactor
 from .engine import Engine, EngineError, GenerateRequest, SamplingParams
+from .parsers import no_action_message
 
 SPAWN_TOOL_NAME = "spawn_subagent"  # rollout/subagent.py owns the tool; the name is all the loop needs
 
@@ -159,6 +166,8 @@ async def run_episode(
     task_text = next((m["content"] for m in start if m.get("role") == "user"), None)
     gate_counts = {"calls": 0.0, "flagged": 0.0, "blocked": 0.0, "judge_calls": 0.0, "judge_errors": 0.0}
     gate_s = [0.0]
+    action_required = requires_action(env)
+    format_errors = 0
 
     for turn in range(limits.max_turns):
         budget = min(limits.max_new_tokens, limits.max_context_tokens - len(seg.ctx.tokens))
@@ -177,12 +186,14 @@ async def run_episode(
         messages.append(assistant)
 
         action = parser.parse(text)
-        if action is None:  # a plain answer ends the episode
+        if action is None and not action_required:  # a plain answer ends the episode
             terminal = True
             break
-        if isinstance(action, ParseError):
-            seg.events.append(Event("parse_error", turn, {"message": action.message}))
-            observation, done = f"error: {action.message}", False
+        if action is None or isinstance(action, ParseError):
+            message = no_action_message(parser) if action is None else action.message
+            seg.events.append(Event("parse_error", turn, {"message": message, "no_action": action is None}))
+            format_errors += 1
+            observation, done = f"error: {message}", False
         else:
             assert isinstance(action, ToolCall)
             verdict = None
@@ -287,6 +298,7 @@ async def run_episode(
     kinds = [s.kind for s in subs]
     metrics = {"turns": float(sum(sg.turns for sg in segments)), "response_tokens": float(gen_tokens),
                "segments": float(len(segments)), "truncated": float(not terminal),
+               "format_errors": float(format_errors),
                **{f"subtraces/{k}": float(kinds.count(k)) for k in ("turns", "compaction", "subagent")},
                **(kids.metrics() if kids is not None else {}),
                # time/ metrics vary run to run; they are averaged as they are, not as rollout/

@@ -6,11 +6,19 @@ puts between that turn and the next generation (the end of the assistant turn if
 stopped at a length cap, the observation message, the next generation prompt). That text is
 found by rendering the conversation with and without the new messages and taking the
 difference, so any template that renders earlier turns unchanged works.
+
+How the model learns the tool-call format: a parser whose format is the JSON call the schemas
+describe (``hermes``) lets the template render the tools' schemas and adds its own text
+instructions only when the template ignores them; a parser with another format (``markdown``,
+``renders_tool_schemas = False``) keeps the schemas out of the template altogether and always
+puts its own instructions in the system message, so the prompt never teaches two formats.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from .parsers import renders_tool_schemas
 
 
 class TemplateError(RuntimeError):
@@ -22,6 +30,7 @@ class ChatFormat:
         self.tok = tokenizer
         self.parser = parser
         self.observation_role = observation_role
+        self.template_tools = parser is None or renders_tool_schemas(parser)
         if getattr(tokenizer, "chat_template", None) is None:
             raise TemplateError("the tokenizer has no chat template; relayrl needs one to format turns")
         self.stop_token_ids = self._stop_ids()
@@ -37,8 +46,9 @@ class ChatFormat:
         return sorted(ids)
 
     def render(self, messages: list[dict[str, str]], tools: list[dict] | None, add_generation_prompt: bool) -> str:
+        """The template's text; ``tools`` reach the template only if the parser renders tool schemas."""
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
-        if tools:
+        if tools and self.template_tools:
             kwargs["tools"] = tools
         return self.tok.apply_chat_template(messages, **kwargs)
 
@@ -46,7 +56,8 @@ class ChatFormat:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def with_tool_instructions(self, messages: list[dict[str, str]], tools: list[dict]) -> list[dict[str, str]]:
-        """If the template ignores ``tools``, put the parser's tool instructions in the system message."""
+        """If the template does not render ``tools`` (it ignores them, or the parser keeps them from
+        it), put the parser's tool instructions in the system message."""
         if not tools or self.parser is None:
             return messages
         if self.render(messages, tools, False) != self.render(messages, None, False):

@@ -144,7 +144,10 @@ class RolloutConfig(_Section):
     """Nucleus sampling threshold (1 = off). Anything but 1 makes the sampling distribution
     differ from the trained one."""
     parser: str = "hermes"
-    """Tool-call parser: a registry name (``hermes``, ``plain``) or a dotted path."""
+    """Tool-call parser: a registry name or a dotted path. ``hermes``: ``<tool_call>{json}</tool_call>``;
+    ``markdown``: a fenced ```bash block runs, a block with a path after its language writes that
+    file, a ``submit`` bash block ends (for models that write markdown, not JSON); ``plain``: the
+    whole reply is the ``answer`` tool's text (the coding env's ``mode: code``, toy envs)."""
     max_weight_lag: int = Field(0, ge=0)
     """Staleness bound: trajectories sampled by weights more than this many versions old are
     dropped. 0 = on-policy (generation waits for training)."""

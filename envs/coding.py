@@ -209,6 +209,9 @@ class CodingEnv:
         for entry in task.get("visible_tests") or []:
             if not entry["path"].startswith("tests/"):
                 raise ValueError(f"task {task['id']!r}: visible test {entry['path']!r} must be under tests/")
+        code = task.get("code_file")
+        if code is not None and (not isinstance(code, str) or code not in _file_list(task, "files")):
+            raise ValueError(f"task {task['id']!r}: 'code_file' must be the path of one of its files, not {code!r}")
 
     @staticmethod
     def reference_calls(task: dict[str, Any]) -> list[ToolCall] | None:

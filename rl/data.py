@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from relayrl.config import ConfigError, EnvConfig
+from relayrl.envs.taskgen import task_set
 from relayrl.rollout.agent import EpisodeJob
 
 
 def load_tasks(env_cfg: EnvConfig, env_cls: Any, seed: int) -> list[dict[str, Any]]:
-    """Tasks from ``env.tasks`` (jsonl / parquet through ``datasets``) or the env's own, each
-    checked by the env's ``check_task`` (if it has one) before anything starts."""
+    """Tasks from ``env.tasks`` (a generated task set's name such as ``pyfunc:train`` or
+    ``pyfunc:heldout:50``, see ``envs/taskgen.py``; else a jsonl / parquet file read through
+    ``datasets``) or the env's own, each checked by the env's ``check_task`` (if it has one)
+    before anything starts."""
     if env_cfg.tasks is None:
         if not hasattr(env_cls, "default_tasks"):
             raise ConfigError(f"env.tasks: the environment {env_cfg.name!r} has no built-in tasks; "
@@ -27,7 +30,12 @@ def load_tasks(env_cfg: EnvConfig, env_cls: Any, seed: int) -> list[dict[str, An
         tasks = list(env_cls.default_tasks(seed=seed, **task_kwargs))
         source = f"the built-in tasks of {env_cfg.name!r}"
     else:
-        tasks = _read_task_file(Path(env_cfg.tasks))
+        try:
+            tasks = task_set(env_cfg.tasks)  # a generated set's name (pyfunc:heldout:50), else None
+        except ValueError as e:
+            raise ConfigError(f"env.tasks: {e}") from None
+        if tasks is None:
+            tasks = _read_task_file(Path(env_cfg.tasks))
         source = str(env_cfg.tasks)
     check = getattr(env_cls, "check_task", None)
     if check is not None:

@@ -35,6 +35,7 @@ scoring sandbox still bounds what such code can reach.
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import secrets
 import time
@@ -92,27 +93,49 @@ def make_sandbox_provider(spec: dict[str, Any] | None) -> SandboxProvider:
 
     ``{kind: local, <SandboxLimits fields>}`` (the default), ``{kind: remote, url, token}``, or
     ``{kind: "my_pkg.mod:MyProvider", ...}`` whose remaining keys are its constructor's kwargs.
+    Raises ValueError naming the key: an unknown key with the known ones, a limit out of range,
+    a ``kind`` that cannot be imported. The coding env's ``preflight`` calls this at start-up,
+    so a typo stops the run before anything starts.
     """
+    key = "env.kwargs.sandbox"
     spec = dict(spec or {})
     kind = spec.pop("kind", "local")
     if kind == "local":
         from .local_sandbox import LocalSandboxProvider
 
         root = spec.pop("root", None)
-        unknown = sorted(set(spec) - set(SandboxLimits.__dataclass_fields__))
+        known = list(SandboxLimits.__dataclass_fields__)
+        unknown = sorted(set(spec) - set(known))
         if unknown:
-            raise ValueError(f"sandbox: unknown key(s) {', '.join(unknown)} for a local sandbox; "
-                             f"the limits are {', '.join(SandboxLimits.__dataclass_fields__)}")
-        return LocalSandboxProvider(limits=SandboxLimits(**spec), root=root)
+            raise ValueError(f"{key}: unknown key(s) {', '.join(unknown)} for a local sandbox; the known keys "
+                             f"are kind, root and the limits {', '.join(known)}")
+        try:
+            limits = SandboxLimits(**spec)
+        except ValueError as e:
+            raise ValueError(f"{key}.{e}") from None  # the message starts with the field's name
+        return LocalSandboxProvider(limits=limits, root=root)
     if kind == "remote":
         from .remote_sandbox import RemoteSandboxProvider
 
+        known = list(inspect.signature(RemoteSandboxProvider).parameters)
+        unknown = sorted(set(spec) - set(known))
+        if unknown:
+            raise ValueError(f"{key}: unknown key(s) {', '.join(unknown)} for a remote sandbox; the known keys "
+                             f"are kind, {', '.join(known)}")
         if "url" not in spec:
-            raise ValueError("sandbox: a remote sandbox needs a url, e.g. {kind: remote, url: http://host:8700}")
+            raise ValueError(f"{key}.url: a remote sandbox needs a url, e.g. {{kind: remote, url: http://host:8700}}")
         return RemoteSandboxProvider(**spec)
-    if "." in kind or ":" in kind:
-        return import_dotted(kind)(**spec)
-    raise ValueError(f"sandbox.kind: {kind!r} is not local, remote or a dotted path 'pkg.mod:Provider'")
+    if isinstance(kind, str) and ("." in kind or ":" in kind):
+        try:
+            provider_cls = import_dotted(kind)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"{key}.kind: cannot import {kind!r} ({e}); check that the module is installed or on "
+                             "PYTHONPATH and the name is spelled 'package.module:Provider'") from None
+        try:
+            return provider_cls(**spec)
+        except TypeError as e:
+            raise ValueError(f"{key}: the sandbox provider {kind!r} rejected its arguments {spec}: {e}") from None
+    raise ValueError(f"{key}.kind: {kind!r} is not local, remote or a dotted path 'pkg.mod:Provider'")
 
 
 def _file_list(task: dict[str, Any], key: str) -> dict[str, str]:

@@ -18,7 +18,8 @@ escapes it (``..``, absolute, through a symlink) raises ``SandboxPathError``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
 
@@ -81,6 +82,34 @@ class SandboxLimits:
     max_output_bytes: int = 32 << 10
     network: bool = False
     loopback: bool = False
+
+    def __post_init__(self) -> None:
+        """Reject a value the OS would turn into a baffling failure (a negative timeout kills
+        every command at once, a string limit makes prlimit fail, so the sandbox looks broken):
+        ValueError naming the field, ``"<field>: must be ..."``, so a caller can prefix where the
+        spec came from (``env.kwargs.sandbox.``)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name}: must be true or false, got {value!r}")
+                continue
+            if f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or not math.isfinite(value) or value <= 0:
+                    raise ValueError(f"{f.name}: must be a positive number of seconds, got {value!r}")
+                continue
+            unit = _INT_UNITS[f.name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                example = " (e.g. 1073741824 for 1 GiB)" if f.name == "memory_bytes" else ""
+                raise ValueError(f"{f.name}: must be a whole number{unit}{example}, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"{f.name}: must be a positive whole number{unit}, got {value!r}")
+
+
+_INT_UNITS = {"cpu_seconds": " of seconds", "memory_bytes": " of bytes", "max_processes": "",
+              "max_file_bytes": " of bytes", "max_open_files": "", "max_output_bytes": " of bytes"}
+"""The unit each integer limit of ``SandboxLimits`` is counted in, for its error message."""
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from relayrl.config import ConfigError, dump_config, load_config
+from relayrl.config import Config, ConfigError, dump_config, load_config
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 3
@@ -42,8 +42,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _check_directory(path: Path, key: str) -> None:
+    """Raise ConfigError naming ``key`` when ``path`` cannot be (or become) a directory because
+    it, or a directory it would be created under, is a file: caught here in one sentence, not
+    as a ``NotADirectoryError`` once the work has started."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if p.is_dir():
+                return
+            where = f"{path} is a file" if p == path else f"{path} cannot be created: {p} is a file"
+            raise ConfigError(f"{key}: {where}, not a directory. Give a directory path (it is created if missing).")
+
+
+def _check_run_dir(cfg: Config) -> None:
+    _check_directory(Path(cfg.run.output_dir).expanduser(), "run.output_dir")
+    if cfg.run.run_dir.exists() and not cfg.run.run_dir.is_dir():
+        raise ConfigError(f"run.name: {cfg.run.run_dir} is a file, not a run directory; pick another run.name "
+                          "or run.output_dir.")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    _check_run_dir(cfg)
     from relayrl.rl.driver import train  # heavy (torch, ray): only when training
 
     train(cfg)
@@ -52,6 +72,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    _check_run_dir(cfg)
     from relayrl.opd.distill import STUDENT_DIR, distill  # heavy (torch, ray): only when distilling
 
     run_dir = distill(cfg)
@@ -102,6 +123,7 @@ def _cmd_convert_model(args: argparse.Namespace) -> int:
     from relayrl.model import default_cache_dir, ensure_smollm2
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    _check_directory(cache, "--cache-dir" if args.cache_dir else f"--cache-dir (default {cache})")
     print(ensure_smollm2(cache))
     return 0
 
@@ -128,10 +150,19 @@ def _cmd_envs_check(args: argparse.Namespace) -> int:
 def _cmd_sandbox_server(args: argparse.Namespace) -> int:
     import errno
     import os
+    import socket
 
     from relayrl.envs.remote_sandbox import TOKEN_ENV, is_loopback, serve
     from relayrl.envs.sandbox import SandboxLimits
 
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port: must be between 0 and 65535 (0 picks a free port), got {args.port}")
+    try:
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host: cannot resolve {args.host!r} ({e.strerror}); give an address of this host "
+                          "(e.g. 0.0.0.0 for every interface, 127.0.0.1 for this machine only) or a name "
+                          "that resolves to one") from None
     token = args.token or os.environ.get(TOKEN_ENV)
     if not token and not args.no_auth:
         raise ConfigError(f"--token: a sandbox server needs a token (--token or ${TOKEN_ENV}); "

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -690,33 +691,63 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _field_doc(loc: tuple[Any, ...]) -> str | None:
-    model: Any = Config
+def _unwrap_optional(ann: Any) -> Any:
+    """``X | None`` -> X; a union of several types -> its model member, if it has one."""
+    if get_origin(ann) in (Union, UnionType):
+        members = [a for a in get_args(ann) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+        models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if len(models) == 1 else ann
+    return ann
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[Any, Any]:
+    """Follow an error location (field names, list indices, dict keys) down from ``Config``
+    through models, lists and dicts. Returns (the annotation there or None where the path
+    leaves the schema, the FieldInfo of the last field passed)."""
+    ann: Any = Config
+    info: Any = None
     for part in loc:
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return None
-        info = fields[part]
-        ann = info.annotation
+        ann = _unwrap_optional(ann)
+        args = get_args(ann)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
+            if not isinstance(part, str) or part not in ann.model_fields:
+                return None, info
+            info = ann.model_fields[part]
+            ann = info.annotation
+        elif get_origin(ann) in (list, tuple, set, frozenset) and isinstance(part, int) and args:
+            ann = args[0]
+        elif get_origin(ann) is dict and len(args) == 2:
+            ann = args[1]
         else:
-            return info.description
-    return None
+            return None, info
+    return _unwrap_optional(ann), info
+
+
+def _field_doc(loc: tuple[Any, ...]) -> str | None:
+    info = _walk(loc)[1]
+    return info.description if info is not None else None
+
+
+def _format_key(loc: tuple[Any, ...]) -> str:
+    """``("distill", "teachers", 0, "name")`` -> ``distill.teachers[0].name``."""
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not isinstance(p, int))
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        loc = tuple(e["loc"])
+        key = _format_key(loc) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            parent = loc[:-1]
-            model: Any = Config
-            for part in parent:
-                model = model.model_fields[part].annotation
-            known = ", ".join(sorted(model.model_fields)) if hasattr(model, "model_fields") else ""
+            model, _ = _walk(loc[:-1])
+            fields = getattr(model, "model_fields", None) if isinstance(model, type) else None
+            known = ", ".join(sorted(fields)) if fields else "(none)"
             lines.append(f"{key}: unknown key. Known keys here: {known}.")
             continue
         if msg.startswith("Value error, "):
@@ -742,13 +773,24 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
         if not p.is_file():
             raise ConfigError(f"{p}: no such config file. Pass the path of a YAML file, e.g. configs/quickstart.yaml.")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            raw = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read it ({e.strerror}). Pass a readable YAML file.") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ConfigError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8 "
+                              "(in most editors: Save with Encoding, UTF-8).") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}. Fix the syntax there.") from None
-        if loaded is None:
-            loaded = {}
+        if loaded is None:  # nothing but blanks or comments: most likely the wrong file
+            raise ConfigError(f"{p} is empty: it holds no settings. Start from configs/quickstart.yaml (copy it "
+                              "and edit), or write {} in it to run with every default.")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (run:, model:, ...), got {type(loaded).__name__}.")
         tree = loaded

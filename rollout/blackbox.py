@@ -123,6 +123,10 @@ def check_blackbox_config(cfg: BlackboxConfig) -> None:
     if unknown:
         raise ValueError(f"blackbox.sandbox: unknown key(s) {', '.join(unknown)}; the limits are "
                          f"{', '.join(SandboxLimits.__dataclass_fields__)}")
+    try:
+        SandboxLimits(**{k: v for k, v in sandbox_spec(cfg).items() if k not in ("kind", "root")})
+    except ValueError as e:
+        raise ValueError(f"blackbox.sandbox.{e}") from None  # the message starts with the field's name
 
 
 def check_blackbox_env(env: Any) -> None:

@@ -169,6 +169,7 @@ def test_the_loopback_fallback_brings_lo_up_without_ip():
 @pytest.mark.parametrize("cfg, key", [
     ({"sandbox": {"kind": "remote", "url": "http://h:1"}}, "blackbox.sandbox.kind"),
     ({"sandbox": {"timeout": 3}}, "blackbox.sandbox"),
+    ({"sandbox": {"memory_bytes": "1GB"}}, "blackbox.sandbox.memory_bytes: must be a whole number of bytes"),
     ({"upload": ["/no/such/harness.py"]}, "blackbox.upload"),
 ])
 def test_bad_blackbox_settings_name_the_key(cfg, key):

@@ -339,9 +339,10 @@ class AlgorithmConfig(_Section):
     """Per-token KL estimator (Schulman's k1/k2/k3)."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus coefficient."""
-    loss_reduction: Literal["token_mean", "seq_mean_token_mean", "constant"] = "token_mean"
+    loss_reduction: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"] = "token_mean"
     """How per-token losses are reduced: mean over all tokens of the global batch, mean over
-    sequences of per-sequence token means, or a sum divided by ``loss_constant``."""
+    sequences of per-sequence token means, mean over sequences of per-sequence token sums, or a
+    sum divided by ``loss_constant``."""
     loss_constant: float = Field(1024.0, gt=0)
     """Divisor of the ``constant`` reduction."""
     critic_warmup_steps: int = Field(0, ge=0)

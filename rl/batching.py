@@ -378,7 +378,8 @@ def gradient_share_metrics(subs: list[SubTrace], cfg: AlgorithmConfig) -> dict[s
     """How the loss weight spreads over sub-traces under ``cfg.loss_reduction``.
 
     A sub-trace's share is the summed weight its tokens get in the loss over the batch's total
-    (``gradient_shares``): n_i / N for token_mean and constant, 1 / B for seq_mean_token_mean.
+    (``gradient_shares``): n_i / N for token_mean, seq_mean_token_sum and constant, 1 / B for
+    seq_mean_token_mean.
     Computed as if the step's batch were one minibatch. Metrics:
 
     - ``loss/max_subtrace_share``: the largest share of one sub-trace;
@@ -388,8 +389,9 @@ def gradient_share_metrics(subs: list[SubTrace], cfg: AlgorithmConfig) -> dict[s
       sub-traces that effectively carry the gradient (1 = all alike);
     - ``loss/share_before_cuts``: the share of the sub-traces that end in a compaction cut
       (all but the last of each trajectory);
-    - ``loss/total_weight``: the sum of all token weights: 1 for the two means, N / C for
-      ``constant`` (its loss scale follows the batch's length).
+    - ``loss/total_weight``: the sum of all token weights: 1 for token_mean and
+      seq_mean_token_mean, N / C for ``constant`` and N / B for ``seq_mean_token_sum`` (their
+      loss scale follows the batch's length).
     """
     if not subs:
         return {}
@@ -399,7 +401,8 @@ def gradient_share_metrics(subs: list[SubTrace], cfg: AlgorithmConfig) -> dict[s
     positive = shares[shares > 0]
     entropy = float(-(positive * positive.log()).sum())
     before_cut = torch.tensor([s.segment < s.num_segments - 1 and s.parent_segment < 0 for s in subs])
-    total_weight = float(n.sum()) / cfg.loss_constant if cfg.loss_reduction == "constant" else 1.0
+    divisor = {"constant": cfg.loss_constant, "seq_mean_token_sum": float(len(subs))}.get(cfg.loss_reduction)
+    total_weight = float(n.sum()) / divisor if divisor else 1.0
     return {
         "loss/max_subtrace_share": float(shares.max()),
         "loss/longest_over_shortest_share": float(shares[longest] / shares[shortest]) if shares[shortest] > 0 else 0.0,

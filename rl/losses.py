@@ -21,6 +21,17 @@ Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Re
 Learning", AAAI, arXiv:1912.09729, "dual-clip PPO"): for A < 0 the loss is further bounded
 by -c * A, so one token whose ratio exploded (stale or off-policy sample) cannot dominate the update:
     L = min(L_clip, -c * A)   if A < 0,   L_clip otherwise.
+The log-ratio is clamped to [-20, 20] before the exp (``LOG_RATIO_CLAMP``; verl's
+``compute_policy_loss`` does the same): rho = exp(clamp(logp - logp_old, -20, 20)). Old
+logprobs from the engine (``algorithm.old_logprobs: engine``) come from other kernels and maybe
+older weights, so a token the engine found unlikely (logp_old = -95) that the trainer finds
+likely (logp = -0.5) has a log-ratio of 94.5: exp overflows to inf, and with A < 0 the loss and
+its gradient are inf; with dual clip the loss is the finite bound but the gradient is NaN (the
+backward of ``where`` multiplies the unselected branch's inf by 0). Clamped, such a token's loss
+is finite and its gradient 0 (the clamp is flat there), as a clipped token's is; without dual
+clip its loss value, exp(20) * |A| (about 4.9e8 |A|), still shows in ``pg_loss``, a visible sign
+of old logprobs that disagree. Within [-20, 20] the clamp is the identity: every result is
+bit-for-bit the unclamped formula's.
 Value (clipped value loss of OpenAI baselines' PPO2; discussed in Engstrom et al. 2020,
 "Implementation Matters in Deep Policy Gradients", arXiv:2005.12729):
     L_V = 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
@@ -37,8 +48,13 @@ from typing import Literal
 
 import torch
 
-Reduction = Literal["token_mean", "seq_mean_token_mean", "constant"]
+Reduction = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"]
 KLEstimator = Literal["k1", "k2", "k3"]
+
+LOG_RATIO_CLAMP = 20.0
+"""Bound of |logp - logp_old| before the exp in ``policy_loss`` (module docstring). exp(20) is
+about 4.9e8: finite in the float32 the backends compute logprobs in, and far past any clip
+range, so no token whose ratio the clip or the dual clip acts on normally is changed."""
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -71,15 +87,24 @@ def policy_loss(
             ``clipped_low``  1 where A < 0 and rho < 1 - eps_low (the clip took the gradient away),
             ``clipped_high`` 1 where A > 0 and rho > 1 + eps_high,
             ``dual_clipped`` 1 where the dual-clip bound -c * A was taken,
-            ``ratio``        rho,
-            ``approx_kl``    0.5 * (logp - logp_old)^2, a k2 estimate of the policy's drift.
+            ``ratio``        rho (with the log-ratio clamped to +-``LOG_RATIO_CLAMP``),
+            ``approx_kl``    0.5 * (logp - logp_old)^2 per action token: Schulman's k2
+                             estimator (module docstring, with log_r = logp - logp_old) of how
+                             far the policy moved from the one that sampled, KL(pi_old || pi),
+                             on the sampled token. Always >= 0 (k2 is biased but never
+                             negative, unlike k1), 0 where the two agree; taken from the
+                             unclamped log-ratio so it shows the real drift. ``rl.ppo`` logs its
+                             mean over the minibatch's action tokens (loss_mask 1), whatever
+                             the loss reduction.
         The clip fraction is (clipped_low + clipped_high) summed and divided by the token count.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (Ye et al. 2020), got {dual_clip}")
     mask = loss_mask.bool()
     log_ratio = _masked(logprobs - old_logprobs, mask)
-    ratio = torch.exp(log_ratio)
+    # Clamped before the exp: an engine's old logprob far below the trainer's would make rho
+    # inf, and the loss and gradient inf or NaN (module docstring). Identity within the bound.
+    ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     adv = _masked(advantages, mask)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -156,10 +181,10 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLEstim
 
 def reduction_normaliser(mode: Reduction, num_tokens: int, num_sequences: int, constant: float) -> float:
     """The global divisor ``reduce_loss`` needs for ``mode``: the minibatch's action-token
-    count, its sequence count, or the constant."""
+    count (token_mean), its sequence count (the two seq_mean modes), or the constant."""
     if mode == "token_mean":
         return float(max(num_tokens, 1))
-    if mode == "seq_mean_token_mean":
+    if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
         return float(max(num_sequences, 1))
     if mode == "constant":
         return float(constant)
@@ -178,6 +203,12 @@ def reduce_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, mode: Reductio
             ``seq_mean_token_mean`` sum over sequences of each sequence's token mean /
                                     normaliser (= the minibatch's sequence count): every
                                     sequence weighs the same (the original GRPO).
+            ``seq_mean_token_sum``  sum over sequences of each sequence's token *sum* /
+                                    normaliser (= the minibatch's sequence count): every token
+                                    weighs the same, and the scale grows with the sequences'
+                                    lengths, not with their number (verl's
+                                    ``seq-mean-token-sum``; ``constant`` with the sequence
+                                    count as the constant).
             ``constant``            sum over tokens / normaliser (a fixed constant; Dr. GRPO),
                                     so the loss scale does not depend on lengths.
         normaliser: the *global* divisor for the whole minibatch (``reduction_normaliser``).
@@ -190,8 +221,8 @@ def reduce_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, mode: Reductio
         raise ValueError(f"normaliser must be > 0, got {normaliser}")
     mask = loss_mask.bool()
     summed = _masked(per_token, mask)
-    if mode in ("token_mean", "constant"):
-        return summed.sum() / normaliser
+    if mode in ("token_mean", "seq_mean_token_sum", "constant"):
+        return summed.sum() / normaliser  # the sum of the per-sequence sums, over the global divisor
     if mode == "seq_mean_token_mean":
         per_seq_count = mask.sum(dim=-1).clamp(min=1).to(per_token.dtype)
         return (summed.sum(dim=-1) / per_seq_count).sum() / normaliser
@@ -203,12 +234,12 @@ def gradient_shares(num_tokens: torch.Tensor, mode: Reduction, constant: float) 
     ``reduce_loss`` gives its tokens, over the batch's total.
 
     num_tokens: (b,) action tokens per sequence (sub-trace). Returns (b,) shares summing to 1
-    (all 0 for an empty batch). token_mean and constant weigh every token alike, so a
-    sub-trace's share is its token fraction n_i / N; seq_mean_token_mean weighs every sequence
-    alike, 1 / B. With compaction, the first tells how much the long sub-traces dominate.
+    (all 0 for an empty batch). token_mean, seq_mean_token_sum and constant weigh every token
+    alike, so a sub-trace's share is its token fraction n_i / N; seq_mean_token_mean weighs every
+    sequence alike, 1 / B. With compaction, the first tells how much the long sub-traces dominate.
     """
     n = num_tokens.to(torch.float64)
-    if mode in ("token_mean", "constant"):
+    if mode in ("token_mean", "seq_mean_token_sum", "constant"):
         weights = n  # every token 1 / normaliser; the normaliser cancels in the share
     elif mode == "seq_mean_token_mean":
         weights = (n > 0).to(torch.float64)

@@ -67,7 +67,11 @@ def make_policy_loss_fn(cfg: AlgorithmConfig, num_tokens: int, num_sequences: in
     reduced with ``cfg.loss_reduction`` against the global normaliser. Metrics (summable):
     ``loss``, ``pg_loss``, ``kl`` (kl_coef > 0), ``entropy`` (when the backend gives it),
     ``clipfrac``, ``clipfrac_low``, ``clipfrac_high``, ``dual_clipfrac``, ``ratio_mean``,
-    ``approx_kl``.
+    ``approx_kl``: the mean over the minibatch's action tokens (loss_mask 1, whatever the
+    reduction) of 0.5 * (logp - logp_old)^2, Schulman's k2 estimate of KL(pi_old || pi), the
+    drift of this update from the policy that the old logprobs came from; >= 0, 0 while they
+    agree (``rl.losses.policy_loss``). The ratio in the loss and in ``ratio_mean`` has its
+    log clamped to +-``rl.losses.LOG_RATIO_CLAMP``.
     """
     mode = cfg.loss_reduction
     normaliser = reduction_normaliser(mode, num_tokens, num_sequences, cfg.loss_constant)

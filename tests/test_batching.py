@@ -94,4 +94,8 @@ def test_gradient_share_metrics_hand_worked():
     assert m == pytest.approx({"loss/max_subtrace_share": 1 / 3, "loss/longest_over_shortest_share": 1.0,
                                "loss/effective_subtrace_frac": 1.0, "loss/share_before_cuts": 1 / 3,
                                "loss/total_weight": 1.0}, abs=1e-12)
+    # seq_mean_token_sum (B = 3 sub-traces): token_mean's shares, the weights sum to N / B = 8/3.
+    m = gradient_share_metrics(subs, AlgorithmConfig(loss_reduction="seq_mean_token_sum"))
+    assert m["loss/max_subtrace_share"] == pytest.approx(0.5, abs=1e-12)
+    assert m["loss/total_weight"] == pytest.approx(8 / 3, abs=1e-12)
     assert gradient_share_metrics([], AlgorithmConfig()) == {}

@@ -74,6 +74,56 @@ def test_masked_tokens_are_zero_even_with_garbage():
     assert m["ratio"][0, 1].item() == 0.0
 
 
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_a_huge_log_ratio_gives_a_finite_loss_and_gradient(dual_clip):
+    # logp_old = -95 (the engine found the token unlikely), logp = -0.5, A = -1: the log-ratio
+    # is 94.5 and exp(94.5) = 1.2e41 overflows float32. Unclamped, the loss is -A * rho = inf,
+    # and its gradient inf; with the dual clip the loss is the bound c but the gradient NaN
+    # (where's backward: 0 * inf). Clamped at 20: rho = exp(20) = 485165195.4097903.
+    logp = torch.tensor([[-0.5]], requires_grad=True)  # float32, as the backends compute it
+    loss, m = policy_loss(logp, torch.tensor([[-95.0]]), torch.tensor([[-1.0]]), torch.tensor([[1]]),
+                          0.2, 0.28, dual_clip=dual_clip)
+    # Without dual clip: max(-A * rho, -A * clip(rho, 0.8, 1.28)) = max(exp(20), 1.28) = exp(20).
+    # With c = 3: min(exp(20), -c * A = 3) = 3.
+    expected = torch.exp(torch.tensor(20.0)) if dual_clip is None else torch.tensor(3.0)
+    assert loss.item() == expected.item()
+    assert m["ratio"].item() == torch.exp(torch.tensor(20.0)).item()
+    assert m["approx_kl"].item() == 0.5 * 94.5**2  # the unclamped drift: 4465.125
+    # The clamp is flat beyond 20, like a clipped token: gradient exactly 0, not inf or NaN.
+    loss.sum().backward()
+    assert logp.grad.tolist() == [[0.0]]
+
+
+def _unclamped_policy_loss(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip):
+    """The surrogate exactly as ``policy_loss`` computed it before the log-ratio clamp (all
+    tokens unmasked)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high))
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        loss = torch.where((advantages < 0) & (loss > bound), bound, loss)
+    return loss
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_the_clamp_changes_nothing_within_its_bound(dual_clip):
+    # Log-ratios up to +-19.9 (and exactly +-20), both advantage signs: loss and gradient are
+    # bit-for-bit the unclamped formula's.
+    gen = torch.Generator().manual_seed(0)
+    old = -10 * torch.rand(2, 64, generator=gen, dtype=F64)
+    log_ratio = torch.cat([torch.empty(2, 62, dtype=F64).uniform_(-19.9, 19.9, generator=gen),
+                           torch.tensor([[20.0, -20.0], [-20.0, 20.0]], dtype=F64)], dim=1)
+    adv = torch.randn(2, 64, generator=gen, dtype=F64)
+    a = (old + log_ratio).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    loss, _ = policy_loss(a, old, adv, torch.ones(2, 64, dtype=torch.long), 0.2, 0.28, dual_clip)
+    reference = _unclamped_policy_loss(b, old, adv, 0.2, 0.28, dual_clip)
+    assert torch.equal(loss, reference)
+    loss.sum().backward()
+    reference.sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
 def test_value_clipping():
     values = torch.tensor([[1.0, 0.6, 0.0, 1.0]], dtype=F64, requires_grad=True)
     old = torch.tensor([[0.5, 0.5, 0.5, 0.5]], dtype=F64)
@@ -119,14 +169,17 @@ def test_reductions_by_hand():
     assert reduce_loss(per_token, mask, "token_mean", 4.0).item() == 2.5
     # seq_mean_token_mean: (mean(1,2,3) + mean(4)) / 2 sequences = (2 + 4) / 2 = 3
     assert reduce_loss(per_token, mask, "seq_mean_token_mean", 2.0).item() == 3.0
+    # seq_mean_token_sum: (sum(1,2,3) + sum(4)) / 2 sequences = (6 + 4) / 2 = 5
+    assert reduce_loss(per_token, mask, "seq_mean_token_sum", 2.0).item() == 5.0
     # constant: 10 / 10 = 1
     assert reduce_loss(per_token, mask, "constant", 10.0).item() == 1.0
     assert reduction_normaliser("token_mean", 4, 2, 10.0) == 4.0
     assert reduction_normaliser("seq_mean_token_mean", 4, 2, 10.0) == 2.0
+    assert reduction_normaliser("seq_mean_token_sum", 4, 2, 10.0) == 2.0
     assert reduction_normaliser("constant", 4, 2, 10.0) == 10.0
 
 
-@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "constant"])
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"])
 def test_reductions_sum_over_micro_batches(mode):
     # 8 sequences of different lengths; micro-batches are padded only to their own longest.
     gen = torch.Generator().manual_seed(0)
@@ -152,6 +205,8 @@ def test_reductions_sum_over_micro_batches(mode):
     # And the value is the definition, computed directly:
     if mode == "seq_mean_token_mean":
         direct = sum((s * m).sum() / max(int(m.sum()), 1) for s, m in zip(seqs, masks, strict=True)) / len(seqs)
+    elif mode == "seq_mean_token_sum":
+        direct = sum((s * m).sum() for s, m in zip(seqs, masks, strict=True)) / len(seqs)
     else:
         direct = sum((s * m).sum() for s, m in zip(seqs, masks, strict=True)) / norm
     torch.testing.assert_close(whole, torch.as_tensor(direct, dtype=F64), rtol=0, atol=1e-12)
@@ -164,6 +219,8 @@ def test_gradient_shares_hand_worked():
     # token_mean / constant: every token weighs the same -> 1/8, 3/8, 4/8.
     torch.testing.assert_close(gradient_shares(n, "token_mean", 1.0), torch.tensor([0.125, 0.375, 0.5], dtype=torch.float64))
     torch.testing.assert_close(gradient_shares(n, "constant", 1024.0), torch.tensor([0.125, 0.375, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(gradient_shares(n, "seq_mean_token_sum", 1.0),
+                               torch.tensor([0.125, 0.375, 0.5], dtype=torch.float64))
     # seq_mean_token_mean: every sequence weighs the same -> 1/3 each; an empty one gets none.
     torch.testing.assert_close(gradient_shares(torch.tensor([2, 0, 6]), "seq_mean_token_mean", 1.0),
                                torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))

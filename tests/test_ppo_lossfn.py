@@ -79,6 +79,29 @@ def test_old_logprobs_from_the_forward_equal_a_recompute():
     assert torch.equal(lp2.grad, lp.grad)
 
 
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_engine_old_logprobs_far_below_the_trainers_stay_finite(dual_clip):
+    """algorithm.old_logprobs=engine: a token the engine scored -95 that the trainer scores -0.5
+    (log-ratio 94.5, exp overflows float32) must not make the loss, its gradient or the metrics
+    inf or NaN. The log-ratio is clamped at 20 (rl.losses.LOG_RATIO_CLAMP)."""
+    cfg = AlgorithmConfig(clip_low=0.2, clip_high=0.28, dual_clip=dual_clip, loss_reduction="token_mean")
+    lp = torch.tensor([[0.0, -0.5, math.log(1.1)]], requires_grad=True)  # float32, as the backends
+    mb = {"loss_mask": torch.tensor([[0, 1, 1]]), "old_logprobs": torch.tensor([[0.0, -95.0, 0.0]]),
+          "advantages": torch.tensor([[0.0, -1.0, 1.0]])}
+    loss, m = make_policy_loss_fn(cfg, num_tokens=2, num_sequences=1)({"logprobs": lp}, mb)
+    e20 = math.exp(20)  # 485165195.4097903
+    # Token 1: A=-1, rho = exp(20): loss exp(20), or the dual-clip bound 3; no gradient either way.
+    # Token 2: A=+1, rho=1.1 inside [0.8, 1.28]: loss -1.1, gradient -1.1. Token mean over 2.
+    first = e20 if dual_clip is None else 3.0
+    assert loss.item() == pytest.approx((first - 1.1) / 2, rel=1e-6)
+    assert m["ratio_mean"] == pytest.approx((e20 + 1.1) / 2, rel=1e-6)
+    assert m["approx_kl"] == pytest.approx((0.5 * 94.5**2 + 0.5 * math.log(1.1) ** 2) / 2, rel=1e-6)
+    assert m["dual_clipfrac"] == (0.0 if dual_clip is None else 0.5)
+    assert all(math.isfinite(v) for v in m.values()), m
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, 0.0, -1.1 / 2]]), rtol=0, atol=1e-7)
+
+
 def test_policy_loss_fn_needs_ref_logprobs_when_kl_is_on():
     fn = make_policy_loss_fn(AlgorithmConfig(kl_coef=0.1), num_tokens=1, num_sequences=1)
     mb = {"loss_mask": torch.tensor([[0, 1]]), "old_logprobs": t([[0.0, 0.0]]), "advantages": t([[0.0, 1.0]])}
@@ -139,7 +162,7 @@ def _collate(seqs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             for k in seqs[0]}
 
 
-@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_mean", "constant"])
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"])
 def test_micro_batching_does_not_change_loss_grads_or_metrics(reduction):
     gen = torch.Generator().manual_seed(1)
     lengths = [6, 3, 9, 4, 7, 5]

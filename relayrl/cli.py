@@ -5,6 +5,7 @@
     relayrl eval CONFIG.yaml [--checkpoint DIR] [--tasks F] [--samples K]
                                                         pass@k of a checkpoint through the agent loop
     relayrl eval CONFIG.yaml --distill [--student DIR]  per-domain metrics of the student and each teacher
+    relayrl eval-diff BEFORE.jsonl AFTER.jsonl          what changed between two evaluations
     relayrl report RUN_DIR                              PNG plots of a run's metrics
     relayrl config show CONFIG.yaml [dotted.key=value]  the validated config, every default filled in
     relayrl convert-model smollm2 [--cache-dir DIR]     convert the bundled SmolLM2 once
@@ -102,6 +103,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return EXIT_RUN_FAILED
     print(format_summary(summary, f"relayrl eval: {args.checkpoint or cfg.model.path}"))
     print(path)
+    return 0
+
+
+def _cmd_eval_diff(args: argparse.Namespace) -> int:
+    from relayrl.rl.evaluation import diff_evals, read_records
+
+    print(diff_evals(read_records(args.before), read_records(args.after)))
     return 0
 
 
@@ -232,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --distill: the student checkpoint (default <run_dir>/student if it exists, "
                         "else model.path)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("eval-diff", help="what changed between two evaluations of the same tasks")
+    p.add_argument("before", metavar="BEFORE", help="an evaluation JSONL (relayrl eval, or <run_dir>/eval/step_*.jsonl)")
+    p.add_argument("after", metavar="AFTER", help="another evaluation JSONL of the same tasks")
+    p.set_defaults(func=_cmd_eval_diff)
 
     p = sub.add_parser("report", help="write PNG plots of a run's metrics.jsonl")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (<run.output_dir>/<run.name>)")

@@ -260,3 +260,69 @@ async def _run_with_progress(worker: Any, jobs: list[EpisodeJob], ev: EvalConfig
         if bar is not None:
             bar.stop()
         await worker.close()
+
+
+# ----------------------------------------------------------------------------- relayrl eval-diff
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The episode records of an evaluation JSONL (``relayrl eval`` or ``<run_dir>/eval/``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such evaluation file. Give the .jsonl that relayrl eval wrote "
+                          "(<run_dir>/eval/<checkpoint>.jsonl or <run_dir>/eval/step_NNNNNN.jsonl).")
+    records = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: line {i + 1} is not JSON ({e.msg}); is this an evaluation file?") from None
+        if not isinstance(record, dict) or not {"task_id", "task_index", "passed", "reward"} <= set(record):
+            raise ConfigError(f"{p}: line {i + 1} is not an episode record of relayrl eval "
+                              "(task_id, task_index, passed, reward)")
+        records.append(record)
+    if not records:
+        raise ConfigError(f"{p}: holds no episodes")
+    return records
+
+
+def diff_evals(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str:
+    """What changed between two evaluations of the same tasks: the headline metrics side by
+    side, the tasks that flipped (a task passes when any of its episodes passed), and the pass
+    counts per task family where the tasks have one."""
+    def passed_tasks(records: list[dict[str, Any]]) -> dict[Any, bool]:
+        out: dict[Any, bool] = {}
+        for r in records:
+            out[r["task_id"]] = out.get(r["task_id"], False) or bool(r["passed"])
+        return out
+
+    a, b = passed_tasks(before), passed_tasks(after)
+    common = sorted(set(a) & set(b), key=str)
+    if not common:
+        raise ConfigError("the two evaluations share no task; compare evaluations of the same tasks")
+    samples = max(sum(1 for r in records if r["task_id"] == records[0]["task_id"]) for records in (before, after))
+    sa, sb = summarize(before, samples), summarize(after, samples)
+    lines = [f"{'':<18}{'before':>10}{'after':>10}"]
+    for key in ("eval/pass@1", "eval/reward", "eval/response_tokens", "eval/turns", "eval/format_errors",
+                "eval/tool_errors", "eval/truncated", "eval/failed"):
+        if key in sa or key in sb:
+            lines.append(f"{key.removeprefix('eval/'):<18}{sa.get(key, float('nan')):>10.4f}{sb.get(key, float('nan')):>10.4f}")
+    gained = [t for t in common if b[t] and not a[t]]
+    lost = [t for t in common if a[t] and not b[t]]
+    lines.append(f"tasks compared: {len(common)}; passing before {sum(a[t] for t in common)}, after "
+                 f"{sum(b[t] for t in common)}; gained {len(gained)}, lost {len(lost)}")
+    if gained:
+        lines.append("gained: " + ", ".join(map(str, gained)))
+    if lost:
+        lines.append("lost: " + ", ".join(map(str, lost)))
+    family = {r["task_id"]: r["family"] for r in before + after if "family" in r}
+    if family:
+        lines.append("by family (tasks passing before -> after / tasks):")
+        for fam in sorted({family[t] for t in common if t in family}):
+            ts = [t for t in common if family.get(t) == fam]
+            pa, pb = sum(a[t] for t in ts), sum(b[t] for t in ts)
+            if pa or pb:
+                lines.append(f"  {fam:<24}{pa:>3} -> {pb:<3}/ {len(ts)}")
+    return "\n".join(lines)

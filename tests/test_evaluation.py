@@ -210,3 +210,25 @@ def test_training_evaluates_held_out_tasks_every_n_steps(tmp_path, tiny_model_di
     report = _relayrl("report", str(run_dir), cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-2000:]
     assert (run_dir / "report" / "learning.png").is_file() and (run_dir / "report" / "eval.png").is_file()
+
+
+def test_eval_diff_names_the_tasks_that_flipped(tmp_path, capsys):
+    from relayrl.cli import main
+
+    def write(name: str, passed: list[bool]) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(_record(i, p, float(p)) | {"task_id": f"t{i}", "family": f"f{i % 2}"}) + "\n"
+                                for i, p in enumerate(passed)))
+        return path
+
+    before = write("before.jsonl", [True, False, False, True])
+    after = write("after.jsonl", [True, True, True, False])
+    assert main(["eval-diff", str(before), str(after)]) == 0
+    out = capsys.readouterr().out
+    assert "pass@1                0.5000    0.7500" in out
+    assert "passing before 2, after 3; gained 2, lost 1" in out
+    assert "gained: t1, t2" in out and "lost: t3" in out
+    assert "f0                        1 -> 2  / 2" in out and "f1                        1 -> 1  / 2" in out
+    (tmp_path / "bad.jsonl").write_text('{"x": 1}\n')
+    assert main(["eval-diff", str(before), str(tmp_path / "bad.jsonl")]) == 2
+    assert "not an episode record" in capsys.readouterr().err

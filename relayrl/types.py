@@ -132,8 +132,10 @@ class Trajectory:
 
     reward: the task reward (also stored on the last sub-trace).
     metrics: flat name -> number details from ``env.score()`` and the agent loop.
-    failed: the episode could not complete (engine or sandbox died); it is logged, never trained.
-    failure_kind: why, when failed: ``engine``, ``sandbox``, ``env_timeout`` or ``env_error``.
+    failed: the episode could not complete (engine or sandbox died, a black-box agent exited
+        before its first call); it is logged, never trained.
+    failure_kind: why, when failed: ``engine``, ``sandbox``, ``env_timeout``, ``env_error`` or
+        ``agent`` (black-box mode, ``rollout/blackbox.py``).
     """
 
     trajectory_id: str

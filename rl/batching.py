@@ -95,6 +95,23 @@ def flatten(groups: list[list[Trajectory]]) -> list[SubTrace]:
     return out
 
 
+def nothing_to_train(step: int, groups: list[list[Trajectory]]) -> str:
+    """The warning for a step whose episodes left no trainable sub-trace (``flatten`` gave
+    none: all failed, or none recorded an action): what happened to them, and the first error."""
+    trajs = [t for g in groups for t in g]
+    failed = [t for t in trajs if t.failed]
+    kinds: dict[str, int] = {}
+    for t in failed:
+        kinds[t.failure_kind or "unknown"] = kinds.get(t.failure_kind or "unknown", 0) + 1
+    text = (f"*** relayrl WARNING: step {step} has no sub-trace to train on: of {len(trajs)} episodes, "
+            f"{len(failed)} failed ({', '.join(f'{k}: {n}' for k, n in sorted(kinds.items())) or 'none'}) and "
+            f"{len(trajs) - len(failed)} recorded no action; the step is skipped (no update, no weight sync)")
+    if failed and failed[0].error:
+        first = " ".join(failed[0].error.split())
+        text += f". First error: {first[:500]}"
+    return text
+
+
 def base_samples(subs: list[SubTrace]) -> list[Sample]:
     return [
         {

@@ -1,6 +1,8 @@
 """The driver: one training step is generate, score, values, advantages, train critic, train
 actor, sync weights, log, checkpoint. Details live one call down (``rl/job.py`` builds the
-actors; ``rl/batching.py`` lines tokens up; ``rl/ppo.py`` holds the losses).
+actors; ``rl/batching.py`` lines tokens up; ``rl/ppo.py`` holds the losses). A step with
+nothing to train on (every episode failed or recorded no action) goes from generate straight to
+eval and log, with a warning line and ``train/skipped`` 1.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from pathlib import Path
 
 from relayrl.config import Config
 
-from .batching import base_samples, flatten, gae_advantages, gradient_share_metrics, grpo_advantages
+from .batching import (base_samples, flatten, gae_advantages, gradient_share_metrics, grpo_advantages,
+                       nothing_to_train)
 from .job import Job, rollout_metrics
 
 
@@ -43,32 +46,35 @@ def train(cfg: Config, job_type: type[Job] = Job) -> Path:
             with timer("generate"):
                 groups = job.rollouts.collect(step, state.weight_version)
             sub_traces = flatten(groups)
-            samples = base_samples(sub_traces)
             metrics = rollout_metrics(groups, sub_traces) | gradient_share_metrics(sub_traces, cfg.algorithm)
             metrics |= job.record_verdicts(step + 1, groups)
+            metrics["train/skipped"] = float(not sub_traces)
+            if not sub_traces:  # every episode failed or recorded no action: nothing to learn from
+                job.logger.message(nothing_to_train(step + 1, groups))
+            else:
+                samples = base_samples(sub_traces)
+                with timer("score"):
+                    job.score(samples)
+                if job.distills:
+                    with timer("teacher_score"):
+                        metrics |= job.teacher_score(sub_traces, samples)
+                if job.needs_critic():
+                    with timer("values"):
+                        raws = job.critic.forward_values(samples)
+                    metrics |= gae_advantages(sub_traces, samples, raws, cfg.algorithm)
+                    with timer("train_critic"):
+                        metrics |= job.update(job.critic, samples, step, role="critic")
+                elif job.uses_task_advantage():
+                    metrics |= grpo_advantages(sub_traces, samples, cfg.algorithm)
+                if job.distills:
+                    metrics |= job.distill_advantages(sub_traces, samples)
 
-            with timer("score"):
-                job.score(samples)
-            if job.distills:
-                with timer("teacher_score"):
-                    metrics |= job.teacher_score(sub_traces, samples)
-            if job.needs_critic():
-                with timer("values"):
-                    raws = job.critic.forward_values(samples)
-                metrics |= gae_advantages(sub_traces, samples, raws, cfg.algorithm)
-                with timer("train_critic"):
-                    metrics |= job.update(job.critic, samples, step, role="critic")
-            elif job.uses_task_advantage():
-                metrics |= grpo_advantages(sub_traces, samples, cfg.algorithm)
-            if job.distills:
-                metrics |= job.distill_advantages(sub_traces, samples)
-
-            if step >= job.actor_start_step():
-                with timer("train_actor"):
-                    metrics |= job.update(job.policy, samples, step, role="policy")
-                with timer("weight_sync"):
-                    state.weight_version += 1
-                    job.sync_weights(state.weight_version)
+                if step >= job.actor_start_step():
+                    with timer("train_actor"):
+                        metrics |= job.update(job.policy, samples, step, role="policy")
+                    with timer("weight_sync"):
+                        state.weight_version += 1
+                        job.sync_weights(state.weight_version)
 
             if job.eval_due(step + 1):
                 with timer("eval"):

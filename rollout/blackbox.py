@@ -7,6 +7,33 @@ One episode::
     sandbox.exec(forwarder & command)     the harness runs; its calls are recorded
     env.score()                           the reward, as in white-box mode
 
+Which calls the reward goes to. The harness may make calls besides its main work: a sub-agent,
+a "summarize what you did" or "write a title" request, a rewritten history. The proxy groups
+its calls into conversations (``rollout/proxy.py``, "Conversations"):
+
+- a call naming its conversation (``"relayrl_conversation": NAME`` in the body, or the header
+  ``X-Relayrl-Conversation: NAME``) belongs to it; its sub-traces form one chain;
+- a call naming none continues the context its messages extend; otherwise it opens a new
+  conversation: the episode's first call opens ``main``, any later one a side conversation;
+- the reward goes to the last sub-trace of ``main`` (the main chain). Side conversations get
+  no task reward: a sub-agent's (one its waiting caller continued after) returns into its
+  caller as in white-box sub-agents; any other ends at the end of the main chain.
+
+So a side call after the work cannot take the reward from it, and a harness that rewrites its
+history keeps the main chain by naming it (``X-Relayrl-Conversation: main`` on every call, as
+``examples/blackbox_agent/agent.py`` does); unnamed, the rewritten context is a side chain.
+After the env says done, chat calls are refused (409); a call refused at a cap (context,
+``max_calls``, ``max_sub_traces``) fails alone (400), and the episode is truncated only if its
+main conversation ends on it.
+
+How an episode fails. An engine or env failure under the agent fails it (kind ``engine`` /
+``env_error``, as in white-box mode). An agent that exits non-zero (or times out) before any
+call was recorded fails it with kind ``agent``, its exit code and stderr tail in ``error``:
+there is nothing to train, and a harness that cannot start is a setup error to see, not a
+score of 0. One that made calls is scored as usual; either way its exit code is in the
+metrics (``blackbox/agent_exit_code``) and its exit code and stderr tail in the ``agent_exit``
+event of the last sub-trace.
+
 The bridge. A local sandbox runs every command in a network namespace of its own, so the
 harness cannot reach a TCP port on the host (and must not: that is the sandbox's point). The
 proxy listens on a Unix socket inside the workspace instead (``.relayrl/proxy.sock``, owned by
@@ -55,6 +82,7 @@ from .proxy import EpisodeProxy, ProxySettings
 
 AGENT_DIR = ".relayrl"
 SOCKET = f"{AGENT_DIR}/proxy.sock"
+FORWARDER_FAILED = "relayrl: the proxy forwarder did not start"
 
 FORWARDER = r'''
 import os, socket, sys, threading
@@ -154,7 +182,7 @@ def agent_command(cfg: BlackboxConfig, key: str) -> str:
         f'"${{PYTHON:-python3}}" {d}/forward.py {SOCKET} {d}/port 2>{d}/forward.err &',
         "fwd=$!",
         f"for _ in $(seq 1000); do [ -s {d}/port ] && break; sleep 0.01; done",
-        f'[ -s {d}/port ] || {{ echo "relayrl: the proxy forwarder did not start: $(cat {d}/forward.err)" >&2; exit 125; }}',
+        f'[ -s {d}/port ] || {{ echo "{FORWARDER_FAILED}: $(cat {d}/forward.err)" >&2; exit 125; }}',
         f"port=$(cat {d}/port)",
         f'export OPENAI_BASE_URL="http://127.0.0.1:$port/v1" OPENAI_API_KEY={shlex.quote(key)}',
         f'export RELAYRL_ENV_URL="http://127.0.0.1:$port/relayrl/v1" RELAYRL_TASK="$PWD/{d}/task.json"',
@@ -221,6 +249,20 @@ async def run_blackbox_episode(job: EpisodeJob, env: Env, engine: Engine, chat: 
         if own is not None:
             await own.close()
         raise proxy.error
+    agent = {"blackbox/calls": float(proxy.calls), "blackbox/env_steps": float(proxy.env_steps),
+             "blackbox/refused_calls": float(proxy.refused_calls),
+             "blackbox/agent_failed": float(result.exit_code != 0), "blackbox/agent_timed_out": float(result.timed_out),
+             "blackbox/agent_exit_code": float(result.exit_code)}
+    if not proxy.traces and (result.exit_code != 0 or result.timed_out):
+        if own is not None:
+            await own.close()
+        if result.exit_code == 125 and FORWARDER_FAILED in result.stderr:
+            raise SandboxError(result.stderr.strip()[-2000:])  # ours, not the agent's: retried
+        how = f"timed out after {cfg.timeout_s:g}s" if result.timed_out else f"exited with exit code {result.exit_code}"
+        error = (f"the black-box agent {how} before its first completion (blackbox.command: {cfg.command!r}); "
+                 f"stderr tail:\n{result.stderr[-2000:]}")
+        metrics = agent | {"time/episode_s": asyncio.get_running_loop().time() - started}
+        return Trajectory(job.trajectory_id, [], 0.0, metrics, failed=True, error=error, failure_kind="agent")
     try:
         score = await call_env(env.score(), "score", limits.env_call_timeout_s)
     finally:
@@ -234,12 +276,11 @@ async def run_blackbox_episode(job: EpisodeJob, env: Env, engine: Engine, chat: 
         agent_event = Event("agent_exit", max(proxy.calls - 1, 0), {
             "exit_code": result.exit_code, "timed_out": result.timed_out,
             "stderr_tail": result.stderr[-2000:]})
-        subs[-1].events += gate_events.events + [agent_event]
+        cap = [Event("truncated", max(proxy.calls - 1, 0), {"reason": proxy.truncation})] if proxy.truncated else []
+        subs[-1].events += gate_events.events + cap + [agent_event]
     metrics = {
         "turns": float(proxy.calls), "response_tokens": float(proxy.generated_tokens),
-        "segments": float(len(subs)), "truncated": float(truncated),
-        "blackbox/calls": float(proxy.calls), "blackbox/env_steps": float(proxy.env_steps),
-        "blackbox/agent_failed": float(result.exit_code != 0), "blackbox/agent_timed_out": float(result.timed_out),
+        "segments": float(len(subs)), "truncated": float(truncated), **agent,
         "blackbox/children": float(sum(s.parent_segment >= 0 for s in subs)),
         "subtraces/blackbox": float(len(subs)),
         "time/episode_s": asyncio.get_running_loop().time() - started,

@@ -18,16 +18,47 @@ they were trained where they were sampled). An assistant message is recognised a
 proxy returned by its content and its tool calls (name and decoded arguments), so a harness may
 re-serialise them; it then stands for the exact text that was sampled.
 
-A sub-trace that was opened while another one was waiting, and after which that other one is
-continued, is taken for a sub-agent of it: it gets that one as ``parent_segment`` and the point
-where the other continues as ``parent_position`` (GAE continues from the child's last action
-to the parent's next one, ``rl/batching.py``). The others form the main chain in the order they
-were opened (a compacted context follows the one it replaced); the last carries the reward.
+Conversations: which sub-traces form the main chain, the one whose last sub-trace carries the
+task reward. Every sub-trace belongs to one conversation, named by the harness or by the proxy:
+
+- A call may name the conversation it belongs to: ``"relayrl_conversation": NAME`` in the body
+  (``extra_body`` of the ``openai`` client) or the header ``X-Relayrl-Conversation: NAME`` (for
+  harnesses that also talk to endpoints that refuse unknown fields). It continues the served
+  context *of that conversation* its messages extend, or opens a new sub-trace at the end of
+  that conversation's chain (a compaction or rewrite: GAE runs on across the cut).
+- A call that names none continues the served context its messages extend, in whatever
+  conversation that is. Otherwise it opens a new conversation: the episode's first context opens
+  ``main``; any later one (a rewritten history, a "summarize" or "title" side call, a
+  sub-agent) opens a side conversation (``side-1``, ``side-2``, ...).
+- The main chain is the conversation ``main`` (or, in a harness that names conversations but
+  never ``main``, the first call's). Its sub-traces, in the order they were opened, form the
+  chain; the last carries the reward. Each reply says its conversation
+  (``relayrl_conversation`` in the response body).
+- Side conversations get no task reward. One that was opened while another context waited, and
+  after which that one continued, is a sub-agent of it: ``parent_segment`` is that context and
+  ``parent_position`` the point where it continues (GAE continues from the child's last action
+  to the parent's next one, ``rl/batching.py``). A side sub-trace that no later call returned
+  to continues at the next sub-trace of its own conversation, or, the last of it, at the end of
+  the main chain (``parent_position`` = its length), where the episode ends: its actions see
+  no task reward, only the critic's values.
+
+So a harness that rewrites its history and wants the rewritten context to continue the main
+chain names its conversation (``X-Relayrl-Conversation: main`` on every call); one that does not
+gets the rewritten context as a side chain, and the reward stays with the context it left.
+
+The episode's end. Once the env says done (``/relayrl/v1/env/step``), chat calls are refused
+with a 409 (``episode_done``): nothing after done is sampled, recorded or trained. A call
+refused at a cap (its context over ``rollout.max_context_tokens``, ``blackbox.max_calls``,
+``blackbox.max_sub_traces``) is a 400 for that call alone; the episode counts as truncated only
+when the main conversation's last call was such a refusal (it ended because of it).
 
 Sampling is the run's, not the harness's: ``temperature``, ``top_p``, ``seed`` and ``stop`` in a
 request are ignored (the trainer recomputes logprobs at the rollout temperature, and a harness
 that lowers it would make them disagree); ``max_tokens`` / ``max_completion_tokens`` may only
-lower the per-call budget. ``n`` > 1 and ``stream`` are refused with a 400.
+lower the per-call budget (both alike: a positive integer, or a 400). ``n`` > 1 and ``stream``
+are refused with a 400. A malformed request (a field of the wrong type, a tool without
+``function``, JSON nested past Python's recursion limit) is a 400, and an unknown path or method
+a 404 / 405, all in the OpenAI error shape (``{"error": {"message", "type", "code"}}``).
 
 Besides the chat endpoint, the proxy serves the env's own tools for harnesses that want relayrl
 to execute them (``POST /relayrl/v1/env/step``), and the task (``GET /relayrl/v1/task``).
@@ -64,6 +95,11 @@ log = logging.getLogger(__name__)
 
 EnvStep = Callable[[ToolCall], Awaitable[tuple[str, bool]]]
 
+MAIN = "main"
+CONVERSATION_FIELD = "relayrl_conversation"
+CONVERSATION_HEADER = "X-Relayrl-Conversation"
+ENDPOINTS = "POST /v1/chat/completions, GET /v1/models, POST /relayrl/v1/env/step, GET /relayrl/v1/task"
+
 
 @dataclass
 class ProxySettings:
@@ -71,8 +107,8 @@ class ProxySettings:
 
     max_new_tokens: the per-call budget (a request may lower it). max_context_tokens: the
     longest context one sub-trace may reach. seed: base of per-call sampling seeds (None =
-    the engine's RNG). max_calls / max_sub_traces: caps; past them requests get an error and
-    the episode counts as truncated.
+    the engine's RNG). max_calls / max_sub_traces: caps; past them requests get a 400 (the
+    episode is truncated when its main conversation ends on one).
     """
 
     max_new_tokens: int
@@ -103,6 +139,7 @@ class _Trace:
     """One context the proxy served: becomes one sub-trace."""
 
     index: int
+    conversation: str
     tools_key: str
     tools: list[dict[str, Any]] | None
     messages: list[dict[str, Any]]  # the harness's messages (canonical form), last = our reply
@@ -132,6 +169,57 @@ def _text_of(content: Any, where: str) -> str:
             out.append(part["text"])
         return "".join(out)
     raise ProxyError(400, f"{where}: content must be a string, null or a list of text parts")
+
+
+def _check_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """The request's ``tools``: None, or a list of ``{"type": "function", "function": {"name",
+    "description"?, "parameters"?}}``; a 400 naming the first field that is not."""
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise ProxyError(400, "tools: must be a list of tool schemas")
+    for i, t in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(t, dict):
+            raise ProxyError(400, f"{where}: must be an object")
+        if t.get("type", "function") != "function":
+            raise ProxyError(400, f"{where}.type: only function tools are supported")
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            raise ProxyError(400, f'{where}.function: required, an object {{"name": ..., "parameters": {{...}}}}')
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ProxyError(400, f"{where}.function.name: must be a non-empty string")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise ProxyError(400, f"{where}.function.description: must be a string")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise ProxyError(400, f"{where}.function.parameters: must be a JSON schema object")
+    return tools
+
+
+def _completion_cap(body: dict[str, Any]) -> int | None:
+    """``max_completion_tokens`` and ``max_tokens`` alike: a positive integer each, the smaller wins."""
+    caps = []
+    for key in ("max_completion_tokens", "max_tokens"):
+        cap = body.get(key)
+        if cap is None:
+            continue
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+            raise ProxyError(400, f"{key}: must be a positive integer")
+        caps.append(cap)
+    return min(caps) if caps else None
+
+
+def _conversation(body: dict[str, Any], header: str | None) -> str | None:
+    """The conversation a call names (module docstring), from the body or the header."""
+    named = body.get(CONVERSATION_FIELD)
+    if named is not None and (not isinstance(named, str) or not 0 < len(named) <= 128):
+        raise ProxyError(400, f"{CONVERSATION_FIELD}: must be a string of 1 to 128 characters")
+    if header is not None and (not header or len(header) > 128):
+        raise ProxyError(400, f"{CONVERSATION_HEADER}: must be 1 to 128 characters")
+    if named is not None and header is not None and named != header:
+        raise ProxyError(400, f"{CONVERSATION_FIELD} ({named!r}) and the {CONVERSATION_HEADER} header "
+                         f"({header!r}) name different conversations")
+    return named if named is not None else header
 
 
 def _decode_arguments(raw: Any) -> Any:
@@ -175,11 +263,12 @@ class EpisodeProxy:
         self.calls = 0
         self.env_steps = 0
         self.generated_tokens = 0
-        self.truncated = False
+        self.refused_calls = 0  # calls refused at a cap (context, max_calls, max_sub_traces)
         self.done = False
         self.error: BaseException | None = None  # an engine/env failure that fails the episode
         self.seconds_in_engine = 0.0
         self._returned: dict[str, list[str]] = {}  # assistant key -> sampled texts
+        self._refused: dict[str, str] = {}  # conversation -> the cap its last call was refused at
         self._lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
 
@@ -203,7 +292,10 @@ class EpisodeProxy:
                 out.append({"role": self.chat.observation_role, "content": text})
             elif role == "assistant":
                 calls = []
-                for j, c in enumerate(m.get("tool_calls") or []):
+                raw_calls = m.get("tool_calls")
+                if raw_calls is not None and not isinstance(raw_calls, list):
+                    raise ProxyError(400, f"{where}.tool_calls: must be a list of tool calls")
+                for j, c in enumerate(raw_calls or []):
                     fn = c.get("function") if isinstance(c, dict) else None
                     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                         raise ProxyError(400, f"{where}.tool_calls[{j}]: needs function.name")
@@ -229,13 +321,17 @@ class EpisodeProxy:
     def _rendered(self, m: dict[str, Any]) -> dict[str, str]:
         return {"role": m["role"], "content": m["content"]}
 
-    def _extends(self, messages: list[dict[str, Any]], tools_key: str) -> tuple[_Trace, list[dict[str, Any]]] | None:
-        """The served context ``messages`` continues (the longest), and the new messages."""
+    def _extends(self, messages: list[dict[str, Any]], tools_key: str,
+                 conversation: str | None) -> tuple[_Trace, list[dict[str, Any]]] | None:
+        """The served context ``messages`` continues (the longest; of ``conversation`` when the
+        call names one), and the new messages."""
         canon = [_canon(m) for m in messages]
         best: tuple[_Trace, list[dict[str, Any]]] | None = None
         for tr in self.traces:
             n = len(tr.messages)
             if tr.busy or tr.tools_key != tools_key or len(messages) <= n:
+                continue
+            if conversation is not None and tr.conversation != conversation:
                 continue
             if canon[:n] == [_canon(m) for m in tr.messages] and (best is None or n > len(best[0].messages)):
                 best = (tr, messages[n:])
@@ -243,24 +339,26 @@ class EpisodeProxy:
 
     # ------------------------------------------------------------------ the chat endpoint
 
-    async def chat_completion(self, body: Any) -> dict[str, Any]:
-        """One ``/v1/chat/completions`` request -> an OpenAI ``chat.completion`` object."""
+    async def chat_completion(self, body: Any, conversation: str | None = None) -> dict[str, Any]:
+        """One ``/v1/chat/completions`` request -> an OpenAI ``chat.completion`` object.
+
+        conversation: the ``X-Relayrl-Conversation`` header, if any (module docstring)."""
         if not isinstance(body, dict):
             raise ProxyError(400, "the body must be a JSON object")
         if body.get("stream"):
             raise ProxyError(400, "stream: streaming is not supported by the relayrl proxy; send stream=false")
         if body.get("n") not in (None, 1):
             raise ProxyError(400, "n: the relayrl proxy samples one choice per request")
-        tools = body.get("tools") or None
-        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
-            raise ProxyError(400, "tools: must be a list of tool schemas (objects)")
+        tools = _check_tools(body.get("tools"))
         tools_key = json.dumps(tools, sort_keys=True)
-        cap = body.get("max_completion_tokens") or body.get("max_tokens")
-        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
-            raise ProxyError(400, "max_tokens: must be a positive integer")
+        cap = _completion_cap(body)
+        named = _conversation(body, conversation)
         async with self._lock:  # the bookkeeping of one episode's calls happens in arrival order
+            if self.done:
+                raise ProxyError(409, "the episode is done (the env said so); the policy takes no more calls",
+                                 "episode_done")
             try:
-                tr, call_index = self._open(body.get("messages"), tools, tools_key)
+                tr, call_index = self._open(body.get("messages"), tools, tools_key, named)
             except (ValueError, TemplateError) as e:  # the chat template refused these messages
                 raise ProxyError(400, f"the chat template cannot render this request: {e}") from None
             budget = min(self.settings.max_new_tokens, self.settings.max_context_tokens - len(tr.ctx.tokens))
@@ -304,46 +402,61 @@ class EpisodeProxy:
             "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(completion.output_ids),
                       "total_tokens": len(tr.ctx.tokens)},
+            CONVERSATION_FIELD: tr.conversation,
         }
 
-    def _open(self, raw_messages: Any, tools: list[dict[str, Any]] | None, tools_key: str) -> tuple[_Trace, int]:
+    def _refuse(self, conversation: str, status: int, message: str, code: str) -> ProxyError:
+        """A call refused at a cap: the error for it alone; the conversation remembers it (the
+        episode is truncated if its main conversation ends here)."""
+        self._refused[conversation] = code
+        self.refused_calls += 1
+        return ProxyError(status, message, code)
+
+    def _open(self, raw_messages: Any, tools: list[dict[str, Any]] | None, tools_key: str,
+              named: str | None = None) -> tuple[_Trace, int]:
         """The sub-trace this request continues (its new messages appended) or a new one;
-        and the call's index. Raises ProxyError at a cap."""
+        and the call's index. Raises ProxyError at a cap (for this call alone)."""
         messages = self._internal(raw_messages)
+        found = self._extends(messages, tools_key, named)
+        if found is not None:
+            conversation = found[0].conversation
+        elif named is not None:
+            conversation = named
+        elif not self.traces:
+            conversation = MAIN
+        else:
+            conversation = self._side_name()
         if self.calls >= self.settings.max_calls:
-            self.truncated = True
-            raise ProxyError(400, f"the episode reached blackbox.max_calls={self.settings.max_calls}",
-                             "max_calls_exceeded")
-        found = self._extends(messages, tools_key)
+            raise self._refuse(conversation, 400, f"the episode reached blackbox.max_calls={self.settings.max_calls}",
+                               "max_calls_exceeded")
         if found is not None:
             tr, new = found
             new_rendered = [self._rendered(m) for m in new]
             ids = self.chat.continuation_ids(tr.rendered, tools, new_rendered, tr.stopped)
             if len(tr.ctx.tokens) + len(ids) >= self.settings.max_context_tokens:
-                self.truncated = True
-                tr.events.append(Event("truncated", self.calls, {"reason": "context"}))
-                raise ProxyError(400, "the conversation reached rollout.max_context_tokens="
-                                 f"{self.settings.max_context_tokens}", "context_length_exceeded")
+                tr.events.append(Event("refused", self.calls, {"reason": "context"}))
+                raise self._refuse(conversation, 400, "the conversation reached rollout.max_context_tokens="
+                                   f"{self.settings.max_context_tokens}", "context_length_exceeded")
             self._link_children(tr)
             tr.ctx.extend(ids, 0)
             tr.messages += new
             tr.rendered += new_rendered
         else:
             if len(self.traces) >= self.settings.max_sub_traces:
-                self.truncated = True
-                raise ProxyError(400, f"the episode reached blackbox.max_sub_traces={self.settings.max_sub_traces}",
-                                 "max_sub_traces_exceeded")
+                raise self._refuse(conversation, 400, "the episode reached blackbox.max_sub_traces="
+                                   f"{self.settings.max_sub_traces}", "max_sub_traces_exceeded")
             rendered = [self._rendered(m) for m in messages]
             if tools:
                 rendered = self.chat.with_tool_instructions(rendered, tools)
             prompt = self.chat.prompt_ids(rendered, tools)
             if len(prompt) >= self.settings.max_context_tokens:
-                self.truncated = True
-                raise ProxyError(400, f"the prompt ({len(prompt)} tokens) reaches rollout.max_context_tokens="
-                                 f"{self.settings.max_context_tokens}", "context_length_exceeded")
-            tr = _Trace(len(self.traces), tools_key, tools, list(messages), rendered)
+                raise self._refuse(conversation, 400, f"the prompt ({len(prompt)} tokens) reaches "
+                                   f"rollout.max_context_tokens={self.settings.max_context_tokens}",
+                                   "context_length_exceeded")
+            tr = _Trace(len(self.traces), conversation, tools_key, tools, list(messages), rendered)
             tr.ctx.extend(prompt, 0)
             self.traces.append(tr)
+        self._refused.pop(conversation, None)
         self.calls += 1
         return tr, self.calls - 1
 
@@ -361,11 +474,36 @@ class EpisodeProxy:
             tr.events.append(Event("parse_error", call_index, {"message": action.message}))
         return {"role": "assistant", "content": text}, []
 
+    def _side_name(self) -> str:
+        used = {t.conversation for t in self.traces}
+        k = 1
+        while f"side-{k}" in used:
+            k += 1
+        return f"side-{k}"
+
+    @property
+    def main_conversation(self) -> str:
+        """``main``, or in a harness that names conversations but never ``main``, the first call's."""
+        if not self.traces or any(t.conversation == MAIN for t in self.traces):
+            return MAIN
+        return self.traces[0].conversation
+
+    @property
+    def truncation(self) -> str | None:
+        """The cap the main conversation's last call was refused at (the episode ended on it:
+        ``context_length_exceeded``, ``max_calls_exceeded``, ``max_sub_traces_exceeded``), or None."""
+        return self._refused.get(self.main_conversation)
+
+    @property
+    def truncated(self) -> bool:
+        return self.truncation is not None
+
     def _link_children(self, tr: _Trace) -> None:
-        """``tr`` continues: the traces opened while it waited, still without a parent and not
-        continued since, are its sub-agents, returning here."""
+        """``tr`` continues: the side traces opened while it waited (of other conversations),
+        still without a parent and not continued since, are its sub-agents, returning here."""
+        main = self.main_conversation
         for other in self.traces[tr.waiting_since:]:
-            if other.parent < 0 and other.calls > 0:
+            if other.parent < 0 and other.calls > 0 and other.conversation not in (main, tr.conversation):
                 other.parent = tr.index
                 other.parent_position = len(tr.ctx.tokens)
 
@@ -392,12 +530,38 @@ class EpisodeProxy:
 
     # ------------------------------------------------------------------ results
 
+    def _side_links(self, main: list[_Trace]) -> dict[int, tuple[int, int]]:
+        """Side trace index -> (the trace it continues at, the position there): its sub-agent
+        parent; else the next trace of its conversation, from its start; else the end of the
+        main chain. Where these links would form a loop, the trace that closes it goes to the main
+        chain's end instead."""
+        end = (main[-1].index, len(main[-1].ctx.tokens))
+        links: dict[int, tuple[int, int]] = {}
+        for t in self.traces:
+            if t.conversation == main[-1].conversation:
+                continue
+            later = next((u for u in self.traces[t.index + 1:] if u.conversation == t.conversation), None)
+            links[t.index] = ((t.parent, t.parent_position) if t.parent >= 0
+                              else (later.index, 0) if later is not None else end)
+        for i in links:
+            seen, j = set(), i
+            while j in links and j not in seen:
+                seen.add(j)
+                j = links[j][0]
+            if j in links:  # j closes a loop: cut it there
+                links[j] = end
+        return links
+
     def sub_traces(self, trajectory_id: str, reward: float, terminal: bool, **common: Any) -> list[SubTrace]:
-        """The recorded sub-traces: children first (in the order they were opened), then the main
-        chain; the last of the main chain carries ``reward``. ``common``: domain, group_id, ..."""
-        children = [t for t in self.traces if t.parent >= 0]
-        main = [t for t in self.traces if t.parent < 0]
-        ordered = children + main
+        """The recorded sub-traces: side traces first (in the order they were opened), then the
+        main chain; the last of the main chain carries ``reward`` (module docstring, Conversations).
+        ``common``: domain, group_id, ..."""
+        if not self.traces:
+            return []
+        name = self.main_conversation
+        main = [t for t in self.traces if t.conversation == name]
+        links = self._side_links(main)
+        ordered = [t for t in self.traces if t.conversation != name] + main
         segment_of = {t.index: i for i, t in enumerate(ordered)}
         n = len(ordered)
         return [
@@ -405,20 +569,45 @@ class EpisodeProxy:
                      reward=float(reward) if i == n - 1 else 0.0, trajectory_id=trajectory_id, segment=i,
                      num_segments=n, terminal=terminal and i == n - 1, weight_version=t.weight_version or 0,
                      events=list(t.events), kind="blackbox",
-                     parent_segment=segment_of[t.parent] if t.parent >= 0 else -1,
-                     parent_position=t.parent_position, **common)
+                     parent_segment=segment_of[links[t.index][0]] if t.index in links else -1,
+                     parent_position=links[t.index][1] if t.index in links else -1, **common)
             for i, t in enumerate(ordered)
         ]
 
     # ------------------------------------------------------------------ HTTP
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 << 20, middlewares=[self._auth])
-        app.router.add_post("/v1/chat/completions", self._http(self.chat_completion))
+        app = web.Application(client_max_size=64 << 20, middlewares=[self._errors, self._auth])
+        app.router.add_post("/v1/chat/completions",
+                            self._http(lambda body, request: self.chat_completion(
+                                body, request.headers.get(CONVERSATION_HEADER))))
         app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/relayrl/v1/env/step", self._http(self.step))
+        app.router.add_post("/relayrl/v1/env/step", self._http(lambda body, request: self.step(body)))
         app.router.add_get("/relayrl/v1/task", self._task)
         return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every error in the OpenAI shape: aiohttp's own (404, 405, 413: plain text otherwise)
+        and, logged, anything unexpected (a 500)."""
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            where = f"{request.method} {request.path}"
+            message = {404: f"{where}: no such endpoint (the proxy serves {ENDPOINTS})",
+                       405: f"{where}: method not allowed (the proxy serves {ENDPOINTS})"}.get(
+                           e.status, f"{where}: {e.reason}")
+            code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+                e.status, "invalid_request_error")
+            response = ProxyError(e.status, message, code).response()
+            if "Allow" in e.headers:
+                response.headers["Allow"] = e.headers["Allow"]
+            return response
+        except Exception as e:
+            log.exception("black-box proxy: %s %s failed", request.method, request.path)
+            return ProxyError(500, f"the relayrl proxy failed: {type(e).__name__}: {e}", "internal_error").response()
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -428,16 +617,23 @@ class EpisodeProxy:
                               "invalid_api_key").response()
         return await handler(request)
 
-    def _http(self, fn: Callable[[Any], Awaitable[dict[str, Any]]]):
+    def _http(self, fn: Callable[[Any, web.Request], Awaitable[dict[str, Any]]]):
+        """A JSON endpoint: ``fn(body, request)``; malformed input is a 400 in the OpenAI shape.
+        JSON nested past Python's recursion limit raises RecursionError (not ValueError) in the
+        decoder and wherever the body is walked, so it is caught on both sides."""
         async def handler(request: web.Request) -> web.Response:
             try:
                 body = await request.json()
+            except RecursionError:
+                return ProxyError(400, "the body is JSON nested too deeply").response()
             except ValueError as e:
                 return ProxyError(400, f"the body is not JSON: {e}").response()
             try:
-                return web.json_response(await fn(body))
+                return web.json_response(await fn(body, request))
             except ProxyError as e:
                 return e.response()
+            except RecursionError:
+                return ProxyError(400, "the request holds JSON nested too deeply").response()
         return handler
 
     async def _models(self, request: web.Request) -> web.Response:

@@ -132,6 +132,16 @@ def test_a_failing_agent_is_still_scored_and_its_exit_recorded(parts):
     event = traj.sub_traces[-1].events[-1]
     assert event.kind == "agent_exit" and event.data["exit_code"] == 3 and "broken" in event.data["stderr_tail"]
     assert len(traj.sub_traces) == 1 and traj.metrics["blackbox/calls"] == 1
+    assert traj.metrics["blackbox/agent_exit_code"] == 3.0
+
+
+def test_an_agent_that_fails_before_its_first_call_fails_the_episode(parts):
+    """Nothing recorded, so nothing to train and nothing to score: a failed episode of kind
+    ``agent`` whose error holds the exit code and the stderr tail."""
+    traj = episode(parts, "echo 'ModuleNotFoundError: no module named harness' >&2; exit 7")
+    assert traj.failed and traj.failure_kind == "agent" and traj.sub_traces == []
+    assert "exit code 7" in traj.error and "no module named harness" in traj.error, traj.error
+    assert traj.metrics["blackbox/agent_exit_code"] == 7.0 and traj.metrics["blackbox/calls"] == 0.0
 
 
 def test_a_dead_engine_fails_the_episode_as_an_engine_failure(parts, tiny_model_dir):

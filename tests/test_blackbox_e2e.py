@@ -75,3 +75,20 @@ def test_black_box_training_equals_white_box_training(tmp_path, tiny_model_dir):
     wa, wb = weights(white), weights(black)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_step_whose_agents_all_fail_is_skipped_with_a_warning(tmp_path, tiny_model_dir, capfd):
+    """Every agent exits before its first call: no sub-trace to train on. The step is skipped
+    (no update, no weight sync) with one warning line naming the failures, the run goes on to
+    the next step and ends normally."""
+    cfg = load_config(None, tiny_overrides(tmp_path, tiny_model_dir, "bb-empty") + BLACKBOX[2:] + [
+        "blackbox.enabled=true", "blackbox.command=echo harness is broken >&2; exit 3",
+        "rollout.tasks_per_step=4", "train.steps=2", "train.save_every=2"])
+    metrics = read_metrics(train(cfg))
+    assert [m["train/skipped"] for m in metrics] == [1.0, 1.0]
+    assert all(m["rollout/failed"] == m["rollout/trajectories"] == 4 and m["rollout/sub_traces"] == 0
+               for m in metrics)
+    assert not any(k.startswith("actor/") or k.startswith("critic/") for m in metrics for k in m)
+    err = capfd.readouterr().err
+    assert "step 1 has no sub-trace to train on" in err and "agent: 4" in err and "exit code 3" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]

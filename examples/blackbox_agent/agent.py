@@ -9,7 +9,10 @@ without a tool call, or after ``--max-turns``.
 
 ``--rewrite-every K`` makes it manage its own context the way long-running harnesses do: after
 every K turns it throws its history away and goes on from the system message and the last
-tool result, restated as a user message.
+tool result, restated as a user message. Every call carries the header
+``X-Relayrl-Conversation: main`` (other endpoints ignore it): it tells relayrl that a rewritten
+history still continues the agent's main work, so the reward reaches it (without it, relayrl
+takes a context that extends no earlier one for a side call, which gets no reward).
 
     python agent.py [--max-turns N] [--rewrite-every K] [--model NAME]
 """
@@ -43,7 +46,7 @@ def main() -> int:
 
     with open(os.environ["RELAYRL_TASK"], encoding="utf-8") as f:
         task = json.load(f)
-    client = OpenAI(max_retries=0, timeout=600)
+    client = OpenAI(max_retries=0, timeout=600, default_headers={"X-Relayrl-Conversation": "main"})
     messages = list(task["messages"])
     tools = task.get("tools") or None
     for turn in range(args.max_turns):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import yaml
@@ -44,7 +45,8 @@ def run_check(name: str, kwargs: dict[str, Any], tasks_path: str | None, limit: 
         tasks = tasks[:limit]
 
     async def main() -> list[CheckResult]:
-        results = await check_env(factory, tasks)
+        results = [await _preflight(factory(), name)]
+        results += await check_env(factory, tasks)
         spec = getattr(factory(), "sandbox_spec", False)
         if spec is not False:  # the env runs its tools in a sandbox: check that too
             from .coding import make_sandbox_provider
@@ -58,6 +60,21 @@ def run_check(name: str, kwargs: dict[str, Any], tasks_path: str | None, limit: 
         return results
 
     return asyncio.run(main()), len(tasks)
+
+
+async def _preflight(env: Any, name: str) -> CheckResult:
+    """The env's own start-up check, as ``relayrl train`` runs it: a failure stops the check
+    with its message (every episode would fail the same way, and the table would only say
+    "reward 0.0"); its warnings go in the table."""
+    start = time.monotonic()
+    preflight = getattr(env, "preflight", None)
+    if preflight is None:
+        return CheckResult("preflight", True, "the env has none", 0.0)
+    try:
+        warnings = await preflight()
+    except ValueError as e:
+        raise ConfigError(f"the environment {name!r} failed its preflight check: {e}") from None
+    return CheckResult("preflight", True, " ".join(warnings or []), time.monotonic() - start)
 
 
 def print_results(name: str, results: list[CheckResult], num_tasks: int) -> None:

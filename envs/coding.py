@@ -37,6 +37,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
+import os
 import secrets
 import time
 import xml.etree.ElementTree as ET
@@ -88,11 +89,14 @@ VISIBLE_TEST_COMMAND = "python -m pytest -q -p no:cacheprovider tests"
 TASK_FILE_LISTS = ("files", "visible_tests", "hidden_tests", "solution")
 
 
-def make_sandbox_provider(spec: dict[str, Any] | None) -> SandboxProvider:
+def make_sandbox_provider(spec: dict[str, Any] | None, hidden_paths: list[str] | None = None) -> SandboxProvider:
     """A provider from ``env.kwargs.sandbox``.
 
-    ``{kind: local, <SandboxLimits fields>}`` (the default), ``{kind: remote, url, token}``, or
-    ``{kind: "my_pkg.mod:MyProvider", ...}`` whose remaining keys are its constructor's kwargs.
+    ``{kind: local, root, hidden_paths, <SandboxLimits fields>}`` (the default), ``{kind: remote,
+    url, token}``, or ``{kind: "my_pkg.mod:MyProvider", ...}`` whose remaining keys are its
+    constructor's kwargs. ``hidden_paths`` (files and directories covered by an empty mount in
+    every command; the coding env passes its task files) add to the spec's own; a remote
+    server hides what its own host needs hidden, and a custom provider gets none.
     Raises ValueError naming the key: an unknown key with the known ones, a limit out of range,
     a ``kind`` that cannot be imported. The coding env's ``preflight`` calls this at start-up,
     so a typo stops the run before anything starts.
@@ -104,16 +108,19 @@ def make_sandbox_provider(spec: dict[str, Any] | None) -> SandboxProvider:
         from .local_sandbox import LocalSandboxProvider
 
         root = spec.pop("root", None)
+        hidden = spec.pop("hidden_paths", None) or []
+        if not isinstance(hidden, list) or not all(isinstance(p, str) and p for p in hidden):
+            raise ValueError(f"{key}.hidden_paths: must be a list of paths, got {hidden!r}")
         known = list(SandboxLimits.__dataclass_fields__)
         unknown = sorted(set(spec) - set(known))
         if unknown:
             raise ValueError(f"{key}: unknown key(s) {', '.join(unknown)} for a local sandbox; the known keys "
-                             f"are kind, root and the limits {', '.join(known)}")
+                             f"are kind, root, hidden_paths and the limits {', '.join(known)}")
         try:
             limits = SandboxLimits(**spec)
         except ValueError as e:
             raise ValueError(f"{key}.{e}") from None  # the message starts with the field's name
-        return LocalSandboxProvider(limits=limits, root=root)
+        return LocalSandboxProvider(limits=limits, root=root, hidden_paths=[*hidden, *(hidden_paths or [])])
     if kind == "remote":
         from .remote_sandbox import RemoteSandboxProvider
 
@@ -170,6 +177,9 @@ class CodingEnv:
             the markdown format cannot express ``answer`` and treats a path-less
             ```` ```python ```` block as a format error by design.
         sandbox: the sandbox provider spec (see ``make_sandbox_provider``); limits apply per command.
+        hidden_paths: files and directories no sandbox command can read (covered by an empty
+            mount): the job passes the task files of ``env.tasks`` and ``eval.tasks``
+            (``task_file_paths``), since they hold the hidden tests and reference solutions.
         reward: ``pass_fraction`` (hidden tests passed / run) or ``all_pass`` (1 only if all pass).
         max_argument_bytes: the largest tool argument accepted (a longer one is an error observation).
         max_read_bytes: ``read_file`` returns at most this many bytes (with a marker if cut).
@@ -185,7 +195,7 @@ class CodingEnv:
                  reward: Literal["pass_fraction", "all_pass"] = "pass_fraction",
                  max_argument_bytes: int = 64 << 10, max_read_bytes: int = 16 << 10,
                  test_timeout_s: float = 60.0, system_prompt: str | None = None,
-                 mode: Literal["agent", "code"] = "agent") -> None:
+                 mode: Literal["agent", "code"] = "agent", hidden_paths: list[str] | None = None) -> None:
         if mode not in ("agent", "code"):
             raise ValueError(f"mode must be 'agent' or 'code', not {mode!r}")
         if reward not in ("pass_fraction", "all_pass"):
@@ -196,7 +206,11 @@ class CodingEnv:
             raise ValueError("sandbox must be a mapping like {kind: local, timeout_s: 30}")
         self.mode = mode
         self.tools = TOOLS if mode == "agent" else CODE_TOOLS
+        if hidden_paths is not None and (not isinstance(hidden_paths, (list, tuple))
+                                         or not all(isinstance(p, str) and p for p in hidden_paths)):
+            raise ValueError(f"hidden_paths must be a list of paths, not {hidden_paths!r}")
         self.sandbox_spec = sandbox
+        self.hidden_paths = list(hidden_paths or [])
         self.reward_kind = reward
         self.max_argument_bytes = max_argument_bytes
         self.max_read_bytes = max_read_bytes
@@ -248,10 +262,11 @@ class CodingEnv:
     async def preflight(self) -> list[str]:
         """Before a run: the sandbox starts and can run pytest with the tests' interpreter.
 
-        Returns warnings (no network isolation); raises ValueError on a problem no episode
-        could get past, so the run stops at start-up with it instead of failing every episode.
+        Returns warnings (no network isolation, limits per process only); raises ValueError
+        naming the cause on a problem no episode could get past, so the run stops at start-up
+        with it instead of failing every episode.
         """
-        provider = make_sandbox_provider(self.sandbox_spec)
+        provider = make_sandbox_provider(self.sandbox_spec, self.hidden_paths)
         try:
             sandbox = await provider.create({})
             try:
@@ -260,11 +275,17 @@ class CodingEnv:
                 await sandbox.close()
             if not result.ok:
                 raise ValueError(f"the sandbox cannot run pytest (exit code {result.exit_code}, "
-                                 f"timed out: {result.timed_out}): {(result.stderr or result.stdout)[-600:]}")
+                                 f"timed out: {result.timed_out}): {_why_no_pytest(provider, result)} "
+                                 f"Its output: {(result.stderr or result.stdout)[-600:].strip()}")
+            warnings = []
             if not getattr(provider, "network_isolated", False):
-                return ["sandbox commands are NOT network-isolated on this host (no network namespace): "
-                        "the policy's code can reach the network. Metrics show env/network_isolated=0."]
-            return []
+                warnings.append("sandbox commands are NOT network-isolated on this host (no network namespace): "
+                                "the policy's code can reach the network. Metrics show env/network_isolated=0.")
+            if getattr(provider, "cgroup_limits", None) is False:
+                warnings.append("sandbox memory and CPU-time limits hold per process only on this host (no "
+                                "usable cgroup): a command's processes together can use more. Metrics show "
+                                "env/cgroup_limits=0.")
+            return warnings
         except SandboxError as e:
             raise ValueError(f"the sandbox does not work: {e}") from None
         finally:
@@ -286,7 +307,7 @@ class CodingEnv:
         self._code_found = False
         if self.mode == "code":
             self._code_file = code_file(task)
-        self._provider = make_sandbox_provider(self.sandbox_spec)
+        self._provider = make_sandbox_provider(self.sandbox_spec, self.hidden_paths)
         files = {**_file_list(task, "files"), **_file_list(task, "visible_tests")}
         self._sandbox = await self._provider.create(files)
         if self.mode == "code":
@@ -385,6 +406,7 @@ class CodingEnv:
             "grading_timed_out": float(result.timed_out),
             "grading_no_report": float(not report),
             "network_isolated": float(getattr(self._provider, "network_isolated", False)),
+            "cgroup_limits": float(bool(getattr(self._provider, "cgroup_limits", False))),
             "score_seconds": time.monotonic() - start,
         }
         if self.mode == "code":
@@ -426,6 +448,51 @@ class CodingEnv:
             return data.decode("utf-8", errors="replace")
         kept = data[: self.max_read_bytes].decode("utf-8", errors="ignore")
         return kept + f"\n[... file truncated: {len(data) - self.max_read_bytes} more bytes; use bash (sed -n) to read a range ...]"
+
+
+def _why_no_pytest(provider: Any, result: ExecResult) -> str:
+    """The likely cause of a failed ``python -c 'import pytest'`` in a fresh sandbox, and the fix."""
+    python = getattr(provider, "python", None)  # a local provider's interpreter
+    which = f" ({python})" if python else ""
+    if result.timed_out:
+        return "the check ran out of time: raise env.kwargs.sandbox.timeout_s, or the host is overloaded."
+    if result.exit_code == 127:
+        return (f"`python`{which} is not found inside the sandbox: its directories are hidden there or it is "
+                "not on the sandbox's PATH (a local sandbox binds the interpreter's prefix, virtualenv and "
+                "site-packages back read-only, except under /run; is one of them in env.kwargs.sandbox."
+                "hidden_paths?). On a remote sandbox server, install python there.")
+    if result.exit_code == 126:
+        return (f"`python`{which} cannot be run by the sandbox's own uid: make its directories readable and "
+                "searchable by others (chmod o+rx), or run relayrl from an interpreter installed so.")
+    if "No module named" in result.stderr:
+        return f"pytest is not installed for the sandbox's interpreter{which}: pip install pytest into it."
+    if result.exit_code in (128 + 9, 128 + 24) or "MemoryError" in result.stderr:
+        return ("python was killed by the sandbox's limits: raise env.kwargs.sandbox.memory_bytes, cpu_seconds "
+                "or max_processes.")
+    return "see its output below."
+
+
+def task_file_paths(env_cfg: Any, eval_cfg: Any = None) -> list[str]:
+    """The files a job's sandboxes must hide: those of ``env.tasks`` and ``eval.tasks`` that
+    name files or directories on this host (task-set names such as ``pyfunc:train`` are made
+    by code the sandbox already hides), each as given and resolved, and the ``datasets`` cache
+    that loading them fills (it holds a copy)."""
+    out: list[str] = []
+    for cfg in (env_cfg, eval_cfg):
+        tasks = getattr(cfg, "tasks", None)
+        if not isinstance(tasks, str) or not tasks or not os.path.exists(tasks):
+            continue
+        out += [p for p in (os.path.abspath(tasks), os.path.realpath(tasks)) if p not in out]
+    if out:
+        try:
+            from datasets import config as datasets_config
+
+            cache = str(datasets_config.HF_DATASETS_CACHE)
+            if cache not in out:
+                out.append(cache)
+        except ImportError:
+            pass
+    return out
 
 
 def code_file(task: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ sandboxes (``envs/local_sandbox.py``, with all their isolation) over HTTP; the c
 
 HTTP API (JSON unless noted; every route but ``/health`` needs ``Authorization: Bearer TOKEN``)::
 
-    GET    /health                       {ok, network_isolated, timeout_s, sandboxes, max_sandboxes}
+    GET    /health                       {ok, network_isolated, cgroup_limits, timeout_s, sandboxes, max_sandboxes}
     POST   /sandboxes                    {files: [{path, content_b64}]} -> {id}
     POST   /sandboxes/{id}/exec          {cmd, timeout} -> {exit_code, stdout, stderr, timed_out, truncated, duration_s}
     PUT    /sandboxes/{id}/files?path=P  raw bytes -> 204
@@ -15,8 +15,9 @@ HTTP API (JSON unless noted; every route but ``/health`` needs ``Authorization: 
     GET    /sandboxes/{id}/snapshot      {files: [{path, content_b64}]}
     DELETE /sandboxes/{id}               204 (also for an id already gone)
 
-Errors: 400 ``{error, kind: "path"}`` for a path outside the workspace, 401 for a missing or
-wrong token, 404 for an unknown sandbox, 413 for a body over ``max_body_bytes``, 503 when the
+Errors: 400 ``{error, kind: "path"}`` for a path outside the workspace, 400 ``{error}`` for a
+body that is not a JSON object of the route's fields (numbers finite and in range, ``NaN`` and
+``Infinity`` refused, nesting bounded), 401 for a missing or wrong token, 404 for an unknown sandbox, 413 for a body over ``max_body_bytes``, 503 when the
 server holds ``max_sandboxes`` (or is shutting down). A sandbox unused for ``idle_ttl_s`` is
 closed by the server, so a trainer that crashed does not leak workspaces and processes forever;
 SIGTERM or Ctrl-C closes every sandbox before the server exits.
@@ -30,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -44,7 +47,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .local_sandbox import LocalSandbox, LocalSandboxProvider
+from .local_sandbox import LocalSandbox, LocalSandboxProvider, check_timeout
 from .sandbox import ExecResult, SandboxError, SandboxLimits, SandboxPathError
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,53 @@ def _encode_files(files: dict[str, bytes | str]) -> list[dict[str, str]]:
             for p, c in files.items()]
 
 
-def _decode_files(entries: list[dict[str, str]]) -> dict[str, bytes]:
-    return {e["path"]: base64.b64decode(e["content_b64"]) for e in entries}
+def _decode_files(entries: object) -> dict[str, bytes]:
+    if not isinstance(entries, list):
+        raise ValueError("files: must be a list of {path, content_b64}")
+    out = {}
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str) or not isinstance(e.get("content_b64"), str):
+            raise ValueError(f"files[{i}]: must be {{path: string, content_b64: string}}")
+        try:
+            out[e["path"]] = base64.b64decode(e["content_b64"], validate=True)
+        except binascii.Error as err:
+            raise ValueError(f"files[{i}].content_b64: not base64 ({err})") from None
+    return out
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number this server accepts")
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    """The request's body as a JSON object; HTTP 400 naming the problem for anything else
+    (not JSON, NaN/Infinity, nesting past the parser's depth, not an object)."""
+    raw = await request.read()
+    try:
+        value = json.loads(raw or b"{}", parse_constant=_reject_constant)
+    except RecursionError:
+        raise _bad_request("the JSON body nests too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the constants above
+        raise _bad_request(f"the body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise _bad_request(f"the body must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def _positive_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what}: must be a positive whole number, got {value!r}")
+    return value
+
+
+def _positive_seconds(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what}: must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
 
 
 def is_loopback(host: str) -> bool:
@@ -90,19 +138,31 @@ class SandboxServer:
         idle_ttl_s: a sandbox unused this long is closed.
         limits, root: of the local sandboxes (see ``LocalSandboxProvider``).
         max_body_bytes: the largest request accepted.
+        hidden_paths: files and directories of this host no sandbox may read (see
+            ``LocalSandboxProvider``).
+
+    Every number is checked here (ValueError naming it): a NaN or infinite one would disable
+    the bound it sets.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  max_sandboxes: int = 64, idle_ttl_s: float = 900.0, limits: SandboxLimits | None = None,
-                 root: str | None = None, max_body_bytes: int = 64 << 20) -> None:
+                 root: str | None = None, max_body_bytes: int = 64 << 20,
+                 hidden_paths: list[str] | None = None) -> None:
         if token is None and not is_loopback(host):
             raise ValueError("a sandbox server on a non-loopback address needs a token")
+        if token is not None and (not isinstance(token, str) or not token):
+            raise ValueError("token: must be a non-empty string or None")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port: must be a whole number from 0 to 65535, got {port!r}")
+        if limits is not None and not isinstance(limits, SandboxLimits):
+            raise ValueError(f"limits: must be a SandboxLimits, got {type(limits).__name__}")
         self.host, self.port = host, port
         self.token = token
-        self.max_sandboxes = max_sandboxes
-        self.idle_ttl_s = idle_ttl_s
-        self.provider = LocalSandboxProvider(limits, root=root)
-        self.max_body_bytes = max_body_bytes
+        self.max_sandboxes = _positive_int(max_sandboxes, "max_sandboxes")
+        self.idle_ttl_s = _positive_seconds(idle_ttl_s, "idle_ttl_s")
+        self.max_body_bytes = _positive_int(max_body_bytes, "max_body_bytes")
+        self.provider = LocalSandboxProvider(limits, root=root, hidden_paths=hidden_paths)
         self._sandboxes: dict[str, _Entry] = {}
         self._creating = 0  # creates in flight hold a slot, so concurrent ones cannot overshoot
         self._stopping = False
@@ -169,6 +229,8 @@ class SandboxServer:
             return web.json_response({"error": str(e), "kind": "sandbox"}, status=500)
         except (KeyError, ValueError, TypeError) as e:
             return web.json_response({"error": f"bad request: {e}"}, status=400)
+        except RecursionError:
+            return web.json_response({"error": "bad request: nested too deeply"}, status=400)
 
     def _entry(self, request: web.Request) -> _Entry:
         entry = self._sandboxes.get(request.match_info["id"])
@@ -206,6 +268,7 @@ class SandboxServer:
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "network_isolated": self.provider.network_isolated,
+                                  "cgroup_limits": self.provider.cgroup_limits,
                                   "timeout_s": self.provider.limits.timeout_s,
                                   "sandboxes": len(self._sandboxes), "max_sandboxes": self.max_sandboxes})
 
@@ -217,7 +280,7 @@ class SandboxServer:
                                       "(close finished ones, raise --max-sandboxes, or add servers)"}, status=503)
         self._creating += 1
         try:
-            body = await request.json()
+            body = await _json_object(request)
             sandbox = await self.provider.create(_decode_files(body.get("files", [])))
         finally:
             self._creating -= 1
@@ -227,10 +290,16 @@ class SandboxServer:
 
     async def _exec(self, request: web.Request) -> web.Response:
         entry = self._entry(request)
-        body = await request.json()
+        body = await _json_object(request)
+        cmd = body.get("cmd")
+        if not isinstance(cmd, str):
+            raise _bad_request(f"cmd: must be a string, got {cmd!r:.100}")
+        timeout = body.get("timeout")
+        if timeout is not None:  # never past the server's own timeout_s: exec takes the smaller
+            timeout = check_timeout(timeout)
         entry.busy += 1
         try:
-            result = await entry.sandbox.exec(str(body["cmd"]), body.get("timeout"))
+            result = await entry.sandbox.exec(cmd, timeout)
         finally:
             entry.busy -= 1
             entry.last_used = time.monotonic()
@@ -291,17 +360,20 @@ class RemoteSandboxProvider:
             timeout, at most the server's, plus this).
         connect_timeout_s: deadline to connect.
 
-    ``network_isolated`` and ``server_timeout_s`` are what the server reports (``GET /health``),
-    known after the first ``create()``.
+    ``network_isolated``, ``cgroup_limits`` and ``server_timeout_s`` are what the server reports
+    (``GET /health``), known after the first ``create()``.
     """
 
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 60.0,
                  connect_timeout_s: float = 5.0) -> None:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"url: must be an http:// or https:// URL, got {url!r}")
         self.url = url.rstrip("/")
         self.token = (token if token is not None else os.environ.get(TOKEN_ENV)) or None
-        self.timeout_s = timeout_s
-        self.connect_timeout_s = connect_timeout_s
+        self.timeout_s = _positive_seconds(timeout_s, "timeout_s")
+        self.connect_timeout_s = _positive_seconds(connect_timeout_s, "connect_timeout_s")
         self.network_isolated: bool | None = None  # known after the first create()
+        self.cgroup_limits: bool | None = None
         self.server_timeout_s: float | None = None
         self._session: aiohttp.ClientSession | None = None
         self._open: set[RemoteSandbox] = set()
@@ -349,8 +421,10 @@ class RemoteSandboxProvider:
     async def create(self, files: dict[str, bytes | str] | None = None) -> "RemoteSandbox":
         if self.network_isolated is None:
             health = await self.health()
-            self.server_timeout_s = health.get("timeout_s")
+            timeout = health.get("timeout_s")
+            self.server_timeout_s = timeout if isinstance(timeout, (int, float)) and math.isfinite(timeout) else None
             self.network_isolated = bool(health.get("network_isolated"))
+            self.cgroup_limits = bool(health.get("cgroup_limits"))
         body = await self.request("POST", "/sandboxes", json={"files": _encode_files(files or {})})
         sandbox = RemoteSandbox(self, json.loads(body)["id"])
         self._open.add(sandbox)
@@ -387,6 +461,8 @@ class RemoteSandbox:
     async def exec(self, cmd: str, timeout: float | None = None) -> ExecResult:
         if self._closed:
             raise SandboxError("exec on a closed sandbox")
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         # The server never runs a command past its own timeout_s, whatever ``timeout`` says.
         limit = [t for t in (timeout, self.provider.server_timeout_s) if t is not None]
         deadline = (min(limit) if limit else 600.0) + self.provider.timeout_s
@@ -396,10 +472,11 @@ class RemoteSandbox:
 
     async def write_file(self, path: str, data: bytes | str) -> None:
         payload = data.encode("utf-8", errors="replace") if isinstance(data, str) else bytes(data)
-        await self.provider.request("PUT", f"/sandboxes/{self.id}/files", params={"path": path}, data=payload)
+        await self.provider.request("PUT", f"/sandboxes/{self.id}/files", params={"path": _query_path(path)},
+                                    data=payload)
 
     async def read_file(self, path: str) -> bytes:
-        return await self.provider.request("GET", f"/sandboxes/{self.id}/files", params={"path": path})
+        return await self.provider.request("GET", f"/sandboxes/{self.id}/files", params={"path": _query_path(path)})
 
     async def snapshot(self) -> dict[str, bytes]:
         return _decode_files(json.loads(await self.provider.request("GET", f"/sandboxes/{self.id}/snapshot"))["files"])
@@ -410,3 +487,15 @@ class RemoteSandbox:
         self._closed = True
         self.provider._open.discard(self)
         await self.provider.request("DELETE", f"/sandboxes/{self.id}")
+
+
+def _query_path(path: str) -> str:
+    """``path`` as a query value; SandboxPathError for one a URL cannot carry intact (the URL
+    library would silently drop a lone surrogate)."""
+    if not isinstance(path, str):
+        raise SandboxPathError(f"invalid path {path!r}")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SandboxPathError(f"invalid path {path!r}: not valid UTF-8 text") from None
+    return path

@@ -180,8 +180,8 @@ def _cmd_sandbox_server(args: argparse.Namespace) -> int:
     for flag, value in (("--max-sandboxes", args.max_sandboxes), ("--idle-ttl", args.idle_ttl),
                         ("--cpu-seconds", args.cpu_seconds), ("--memory-mb", args.memory_mb),
                         ("--max-processes", args.max_processes), ("--timeout", args.timeout)):
-        if value <= 0:
-            raise ConfigError(f"{flag}: must be positive, got {value}")
+        if not 0 < value < float("inf"):  # NaN fails this too
+            raise ConfigError(f"{flag}: must be a positive, finite number, got {value}")
     limits = SandboxLimits(cpu_seconds=args.cpu_seconds, memory_bytes=args.memory_mb << 20,
                            timeout_s=args.timeout, max_processes=args.max_processes)
     try:

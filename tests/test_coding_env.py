@@ -210,3 +210,45 @@ def test_check_task_names_the_problem(bad, message):
     with pytest.raises(ValueError, match=None) as e:
         CodingEnv.check_task(bad)
     assert message in str(e.value)
+
+
+def test_a_nul_byte_in_a_command_is_an_error_observation():
+    # An argv cannot carry a NUL byte: the agent sees why, and the episode goes on.
+    obs, s = episode([ToolCall("bash", {"command": "echo a\x00b"}), ToolCall("bash", {"command": "echo alive"})])
+    assert obs[0] == ("[exit code 2]\n[stderr]\nrelayrl sandbox: the command holds a NUL byte (\\0), which no command "
+                      "line can carry; nothing was run")
+    assert obs[1] == "[exit code 0]\nalive"
+    assert s.details["hidden_total"] == 4
+
+
+DEPTH = 1500
+MAKE_DEEP = f"""import os
+for _ in range({DEPTH}):
+    os.mkdir("dd")
+    os.chdir("dd")
+open("f", "w").write("deep")
+"""
+
+
+def test_a_1500_level_tree_is_scored_and_removed(tmp_path):
+    # One command makes 1,500 levels (a path of 4,500 bytes, past PATH_MAX), one write_file
+    # another; scoring copies both into the grader, and close removes everything.
+    deep_file = "w/" + "d/" * DEPTH + "f.txt"
+
+    async def go():
+        env = CodingEnv(sandbox={"root": str(tmp_path), "timeout_s": 30})
+        try:
+            await env.reset(TASK)
+            await env.step(write("mk.py", MAKE_DEEP))
+            made = await env.step(ToolCall("bash", {"command": "python mk.py && find dd -name f | wc -l"}))
+            wrote = await env.step(write(deep_file, "deep"))
+            await env.step(write("calc.py", "def add(a, b):\n    return a + b\n"))
+            score = await env.score()
+        finally:
+            await env.close()
+        return made.observation, wrote.observation, score, list(tmp_path.iterdir())
+
+    made, wrote, score, left = asyncio.run(go())
+    assert made == "[exit code 0]\n1" and wrote == f"wrote 4 bytes to {deep_file}"
+    assert score.reward == 1.0 and score.details["hidden_total"] == 4
+    assert left == []

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import pytest
 
+from relayrl.envs import trees
 from relayrl.envs.contract import check_sandbox_provider
 from relayrl.envs.local_sandbox import LocalSandboxProvider, probe_mode
 from relayrl.envs.sandbox import Sandbox, SandboxError, SandboxLimits, SandboxPathError
@@ -139,3 +142,52 @@ def test_provider_close_closes_its_sandboxes(tmp_path):
 
     go(main())
     assert list(tmp_path.iterdir()) == []
+
+
+def _walk_reference(root: Path) -> dict[str, bytes]:
+    """The obvious snapshot (recursive os.walk, full paths): right for shallow trees only."""
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = Path(d) / n
+            if p.is_file() and not p.is_symlink():
+                out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+def test_snapshot_walk_equals_the_reference_with_few_descriptors(tmp_path, monkeypatch):
+    # A comb (every level has a file and two subdirectories, one a dead end) with the walk held
+    # to 3 open directories, so closed ones are reopened from their nearest open ancestor.
+    monkeypatch.setattr(trees, "MAX_OPEN_DIRS", 3)
+
+    async def main():
+        p = LocalSandboxProvider(SandboxLimits(timeout_s=20), root=str(tmp_path))
+        sb = await p.create()
+        try:
+            await sb.exec("d=.; for i in $(seq 12); do mkdir -p $d/a $d/b/x; echo $i > $d/f$i; "
+                          "ln -s /etc/passwd $d/link; d=$d/a; done")
+            return await sb.snapshot(), _walk_reference(sb.workspace)
+        finally:
+            await sb.close()
+
+    snap, reference = go(main())
+    assert len(snap) == 12 and snap == reference
+    assert snap["a/a/f3"] == b"3\n"
+
+
+def test_deep_trees_snapshot_and_close(tmp_path):
+    depth = 1500
+
+    async def main():
+        p = LocalSandboxProvider(SandboxLimits(timeout_s=30), root=str(tmp_path))
+        sb = await p.create()
+        await sb.exec(f"python -c \"import os\nfor _ in range({depth}): os.mkdir('dd'); os.chdir('dd')\n"
+                      f"open('f', 'w').write('x')\"")  # a path of 4,500 bytes: past PATH_MAX
+        await sb.write_file("w/" + "d/" * depth + "g", "y")
+        snap = await sb.snapshot()
+        await sb.close()
+        return snap, sb.base.exists()
+
+    snap, exists = go(main())
+    assert snap == {"dd/" * depth + "f": b"x", "w/" + "d/" * depth + "g": b"y"}
+    assert not exists and list(tmp_path.iterdir()) == []

@@ -360,3 +360,172 @@ def test_cli_port_in_use_is_a_user_error():
                               env={**os.environ, "RELAYRL_SANDBOX_TOKEN": TOKEN}, capture_output=True, text=True,
                               timeout=60)
     assert proc.returncode == 2 and "--host/--port" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---- every number and body at the server's boundary ----
+
+
+async def _raw(url: str, method: str, path: str, body: bytes | str) -> tuple[int, dict, float]:
+    """Send ``body`` as it is (the client would never send NaN): (status, JSON answer, seconds)."""
+    import aiohttp
+
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}",
+                                              "Content-Type": "application/json"}) as session:
+        async with session.request(method, url + path, data=body) as resp:
+            return resp.status, await resp.json(content_type=None), time.monotonic() - t0
+
+
+@pytest.mark.parametrize("timeout, message", [
+    ("NaN", "NaN is not a number this server accepts"),
+    ("Infinity", "Infinity is not a number this server accepts"),
+    ("-Infinity", "-Infinity is not a number this server accepts"),
+    ("1e309", "timeout: must be a positive, finite number of seconds, got inf"),  # parses as inf
+    ("-1", "timeout: must be a positive, finite number of seconds, got -1"),
+    ("0", "timeout: must be a positive, finite number of seconds, got 0"),
+    ("true", "timeout: must be a positive, finite number of seconds, got True"),
+    ('"5"', "timeout: must be a positive, finite number of seconds, got '5'"),
+    ("[1]", "timeout: must be a positive, finite number of seconds, got [1]"),
+])
+def test_exec_timeout_must_be_a_finite_positive_number(timeout, message):
+    async def main():
+        async with SandboxServer(token=TOKEN, limits=SandboxLimits(timeout_s=2)) as server:
+            client = RemoteSandboxProvider(server.url, token=TOKEN)
+            try:
+                sb = await client.create()
+                answer = await _raw(server.url, "POST", f"/sandboxes/{sb.id}/exec",
+                                    f'{{"cmd": "sleep 1.5; echo ran", "timeout": {timeout}}}')
+                return answer, await sb.exec("echo alive")
+            finally:
+                await client.close()
+
+    (status, body, seconds), after = go(main())
+    assert status == 400 and message in body["error"], body
+    assert seconds < 1.5  # refused before anything ran
+    assert after.stdout == "alive\n"
+
+
+def test_a_timeout_past_the_servers_limit_runs_to_the_servers_limit():
+    async def main():
+        async with SandboxServer(token=TOKEN, limits=SandboxLimits(timeout_s=1)) as server:
+            client = RemoteSandboxProvider(server.url, token=TOKEN)
+            try:
+                sb = await client.create()
+                return await _raw(server.url, "POST", f"/sandboxes/{sb.id}/exec",
+                                  '{"cmd": "sleep 30", "timeout": 1e300}')
+            finally:
+                await client.close()
+
+    status, body, seconds = go(main())
+    assert status == 200 and body["timed_out"] and seconds < 10
+
+
+@pytest.mark.parametrize("route, body, message", [
+    ("exec", '{"cmd": 5}', "cmd: must be a string, got 5"),
+    ("exec", '{"cmd": ["ls"]}', "cmd: must be a string, got ['ls']"),
+    ("exec", "{}", "cmd: must be a string, got None"),
+    ("exec", '["ls"]', "the body must be a JSON object, not list"),
+    ("exec", "not json", "the body is not valid JSON"),
+    ("exec", b"\xff\xfe", "the body is not valid JSON"),
+    ("create", "[]", "the body must be a JSON object, not list"),
+    ("create", '{"files": 5}', "files: must be a list of {path, content_b64}"),
+    ("create", '{"files": [{"path": 1, "content_b64": ""}]}', "files[0]: must be {path: string, content_b64: string}"),
+    ("create", '{"files": [{"path": "a", "content_b64": "!!"}]}', "files[0].content_b64: not base64"),
+    ("create", "[" * 200_000, "the JSON body nests too deeply"),
+    ("exec", "[" * 200_000, "the JSON body nests too deeply"),
+    ("exec", '{"cmd": "ls", "timeout": ' + "[" * 200_000, "the JSON body nests too deeply"),
+])
+def test_bad_bodies_are_400_with_the_reason(route, body, message):
+    async def main():
+        async with SandboxServer(token=TOKEN) as server:
+            client = RemoteSandboxProvider(server.url, token=TOKEN)
+            try:
+                sb = await client.create()
+                path = "/sandboxes" if route == "create" else f"/sandboxes/{sb.id}/exec"
+                return await _raw(server.url, "POST", path, body), (await client.health())["sandboxes"]
+            finally:
+                await client.close()
+
+    (status, answer, _), held = go(main())
+    assert status == 400 and message in answer["error"], answer
+    assert held == 1  # a refused create made nothing
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_sandboxes": 0}, "max_sandboxes: must be a positive whole number, got 0"),
+    ({"max_sandboxes": True}, "max_sandboxes: must be a positive whole number, got True"),
+    ({"max_sandboxes": "8"}, "max_sandboxes: must be a positive whole number, got '8'"),
+    ({"max_sandboxes": 1.5}, "max_sandboxes: must be a positive whole number, got 1.5"),
+    ({"idle_ttl_s": float("nan")}, "idle_ttl_s: must be a positive, finite number of seconds, got nan"),
+    ({"idle_ttl_s": float("inf")}, "idle_ttl_s: must be a positive, finite number of seconds, got inf"),
+    ({"idle_ttl_s": -1}, "idle_ttl_s: must be a positive, finite number of seconds, got -1"),
+    ({"idle_ttl_s": "60"}, "idle_ttl_s: must be a positive, finite number of seconds, got '60'"),
+    ({"max_body_bytes": 0}, "max_body_bytes: must be a positive whole number, got 0"),
+    ({"port": -1}, "port: must be a whole number from 0 to 65535, got -1"),
+    ({"port": 70000}, "port: must be a whole number from 0 to 65535, got 70000"),
+    ({"port": True}, "port: must be a whole number from 0 to 65535, got True"),
+])
+def test_server_numbers_are_checked(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        SandboxServer(token=TOKEN, **kwargs)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"timeout_s": float("nan")}, "timeout_s: must be a positive, finite number of seconds, got nan"),
+    ({"timeout_s": 0}, "timeout_s: must be a positive, finite number of seconds, got 0"),
+    ({"connect_timeout_s": float("inf")}, "connect_timeout_s: must be a positive, finite number of seconds, got inf"),
+    ({"connect_timeout_s": False}, "connect_timeout_s: must be a positive, finite number of seconds, got False"),
+])
+def test_client_numbers_are_checked(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        RemoteSandboxProvider("http://127.0.0.1:1", token=TOKEN, **kwargs)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1, 0, True, "5"])
+def test_client_exec_refuses_a_bad_timeout_before_sending(timeout):
+    async def main():
+        async with SandboxServer(token=TOKEN) as server:
+            client = RemoteSandboxProvider(server.url, token=TOKEN)
+            try:
+                sb = await client.create()
+                with pytest.raises(ValueError, match="timeout: must be a positive, finite number of seconds"):
+                    await sb.exec("echo ran", timeout=timeout)
+            finally:
+                await client.close()
+
+    go(main())
+
+
+def test_cli_refuses_a_nan_idle_ttl():
+    proc = subprocess.run([sys.executable, "-m", "relayrl", "sandbox-server", "--port", "0", "--idle-ttl", "nan"],
+                          cwd=ROOT, env={**os.environ, "RELAYRL_SANDBOX_TOKEN": TOKEN}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "--idle-ttl: must be a positive, finite number, got nan" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_nul_byte_reaches_the_agent_as_an_error_through_a_remote_sandbox():
+    from relayrl.envs.coding import CodingEnv
+    from relayrl.types import ToolCall
+
+    task = {"id": "t", "instruction": "x", "files": [{"path": "a.py", "content": ""}],
+            "hidden_tests": [{"path": "test_a.py", "content": "def test_a():\n    pass\n"}]}
+
+    async def main():
+        async with SandboxServer(token=TOKEN) as server:
+            env = CodingEnv(sandbox={"kind": "remote", "url": server.url, "token": TOKEN})
+            try:
+                await env.reset(task)
+                bad = await env.step(ToolCall("bash", {"command": "echo a\x00b"}))
+                good = await env.step(ToolCall("bash", {"command": "echo alive"}))
+                score = await env.score()
+            finally:
+                await env.close()
+            return bad.observation, good.observation, score, server.provider.cgroup_limits
+
+    bad, good, score, cgroup_limits = go(main())
+    assert bad.startswith("[exit code 2]") and "the command holds a NUL byte" in bad
+    assert good == "[exit code 0]\nalive" and score.reward == 1.0
+    assert score.details["cgroup_limits"] == float(cgroup_limits)  # what the server reports, through /health

@@ -482,7 +482,7 @@ def task_file_paths(env_cfg: Any, eval_cfg: Any = None) -> list[str]:
         tasks = getattr(cfg, "tasks", None)
         if not isinstance(tasks, str) or not tasks or not os.path.exists(tasks):
             continue
-        out += [p for p in (os.path.abspath(tasks), os.path.realpath(tasks)) if p not in out]
+        out += [p for p in dict.fromkeys((os.path.abspath(tasks), os.path.realpath(tasks))) if p not in out]
     if out:
         try:
             from datasets import config as datasets_config

@@ -252,3 +252,22 @@ def test_a_1500_level_tree_is_scored_and_removed(tmp_path):
     assert made == "[exit code 0]\n1" and wrote == f"wrote 4 bytes to {deep_file}"
     assert score.reward == 1.0 and score.details["hidden_total"] == 4
     assert left == []
+
+
+def test_task_file_paths_names_the_task_files_and_their_datasets_cache(tmp_path):
+    from types import SimpleNamespace
+
+    from datasets import config as datasets_config
+
+    from relayrl.envs.coding import task_file_paths
+
+    train, held = tmp_path / "train.jsonl", tmp_path / "real_heldout.jsonl"
+    train.write_text("{}\n")
+    held.write_text("{}\n")
+    link = tmp_path / "heldout.jsonl"
+    link.symlink_to(held)
+    paths = task_file_paths(SimpleNamespace(tasks=str(train)), SimpleNamespace(tasks=str(link)))
+    assert paths == [str(train), str(link), str(held), str(datasets_config.HF_DATASETS_CACHE)]
+    # Task-set names and no tasks at all name no file: nothing to hide.
+    assert task_file_paths(SimpleNamespace(tasks="pyfunc:train"), SimpleNamespace(tasks=None)) == []
+    assert task_file_paths(SimpleNamespace(tasks=None)) == []

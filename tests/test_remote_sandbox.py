@@ -58,6 +58,20 @@ def kill_commands_under(root: Path) -> None:
                 except ProcessLookupError:
                     pass
 
+def remove_cgroups_of(pid: int) -> None:
+    """Remove the (empty) sandbox cgroups a SIGKILLed server left behind, as its operator would."""
+    from relayrl.envs import cgroups
+
+    parents = cgroups.probe()
+    for d in parents.dirs.values() if parents is not None else []:
+        for child in d.glob(f"relayrl-{pid}-*"):
+            for _ in range(100):  # its commands were just killed: they leave the cgroup a moment later
+                try:
+                    child.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
 
 def test_contract_through_the_client():
     async def main():
@@ -214,6 +228,8 @@ def test_server_killed_mid_command_is_a_sandbox_error(tmp_path):
         proc.kill()
         proc.wait()
         kill_commands_under(tmp_path)
+        remove_cgroups_of(proc.pid)
+
 
 
 @pytest.mark.parametrize("args, message", [

@@ -62,7 +62,7 @@ def rollout_metrics(groups: list[list[Trajectory]], subs: list[SubTrace]) -> dic
         "rollout/trajectories": float(len(trajs)),
         "rollout/failed": float(len(trajs) - len(ok)),
         **{f"rollout/failed_{kind}": float(sum(t.failure_kind == kind for t in trajs))
-           for kind in ("engine", "sandbox", "env_timeout", "env_error")},
+           for kind in ("engine", "sandbox", "env_timeout", "env_error", "agent")},
         "rollout/sub_traces": float(len(subs)),
     }
     if ok:
@@ -237,7 +237,7 @@ class Job:
     def _check_plugins(self) -> None:
         """Resolve every user-named plug-in before anything expensive starts."""
         self.model_path = str(resolve_model_path(self.cfg.model.path, self.cfg.model.cache_dir))
-        self.env_factory = make_env_factory(self.cfg.env)
+        self.env_factory = make_env_factory(self.cfg.env, self.cfg.eval)
         make_parser(self.cfg.rollout.parser)
         if self.cfg.subagents.enabled and self.cfg.subagents.parser:
             make_parser(self.cfg.subagents.parser, "subagents.parser")
@@ -322,7 +322,7 @@ class Job:
         def new_worker(_: int = 0) -> Any:
             return RolloutWorkerActor.options(num_cpus=0).remote(
                 cfg.rollout, cfg.env, self.model_path, urls, self.buffer, cfg.engine.request_timeout_s,
-                cfg.compaction, cfg.antihack, cfg.blackbox, cfg.subagents)
+                cfg.compaction, cfg.antihack, cfg.blackbox, cfg.subagents, cfg.eval)
 
         self._new_worker = new_worker
         self.workers = [new_worker() for _ in range(cfg.rollout.num_workers)]

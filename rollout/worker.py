@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 from typing import Any, Callable
 
 import ray
 
-from relayrl.config import AntihackConfig, BlackboxConfig, CompactionConfig, EnvConfig, RolloutConfig, SubagentConfig
+from relayrl.config import (AntihackConfig, BlackboxConfig, CompactionConfig, EnvConfig, EvalConfig, RolloutConfig,
+                             SubagentConfig)
 from relayrl.registry import envs, parsers
 from relayrl.types import Trajectory
 
@@ -27,14 +29,22 @@ from .client import HttpEngineClient
 log = logging.getLogger(__name__)
 
 
-def make_env_factory(env_cfg: EnvConfig):
-    """Resolve ``env.name`` and return a zero-argument constructor (checked at start-up)."""
+def make_env_factory(env_cfg: EnvConfig, eval_cfg: EvalConfig | None = None):
+    """Resolve ``env.name`` and return a zero-argument constructor (checked at start-up).
+
+    An env that takes ``hidden_paths`` (the coding env) also gets the job's task files, those of
+    ``env.tasks`` and ``eval.tasks``, so that its sandboxes cover them (hidden tests, reference
+    solutions)."""
     import relayrl.envs.coding  # noqa: F401  (registers the built-in envs)
     import relayrl.envs.toy  # noqa: F401
     import relayrl.envs.toy_delegate  # noqa: F401
 
     cls = envs.resolve(env_cfg.name, "env.name")
     kwargs = dict(env_cfg.kwargs)
+    if "hidden_paths" in inspect.signature(cls).parameters:
+        from relayrl.envs.coding import task_file_paths
+
+        kwargs["hidden_paths"] = [*kwargs.get("hidden_paths", []), *task_file_paths(env_cfg, eval_cfg)]
     if env_cfg.system_prompt is not None:
         kwargs["system_prompt"] = env_cfg.system_prompt
     return lambda: cls(**kwargs)
@@ -53,11 +63,11 @@ class RolloutWorker:
                  compaction_cfg: CompactionConfig | None = None,
                  antihack_cfg: AntihackConfig | None = None,
                  blackbox_cfg: BlackboxConfig | None = None,
-                 subagent_cfg: SubagentConfig | None = None) -> None:
+                 subagent_cfg: SubagentConfig | None = None, eval_cfg: EvalConfig | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.cfg = rollout_cfg
-        self.env_factory = make_env_factory(env_cfg)
+        self.env_factory = make_env_factory(env_cfg, eval_cfg)
         self.parser = make_parser(rollout_cfg.parser)
         self.compactor = make_compactor(compaction_cfg or CompactionConfig())
         self.chat = ChatFormat(AutoTokenizer.from_pretrained(tokenizer_path), self.parser)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.grading import score_calls
 
 from relayrl.envs.coding import CodingEnv
 
@@ -33,26 +34,13 @@ def test_task_set_shape():
         assert hidden_functions >= 3, t["id"]
 
 
-async def _score(task, calls) -> tuple[float, float]:
-    env = CodingEnv(sandbox={"timeout_s": 60})
-    try:
-        await env.reset(task)
-        for call in calls:
-            if (await env.step(call)).done:
-                break
-        score = await env.score()
-        return score.reward, score.details["hidden_total"]
-    finally:
-        await env.close()
-
-
 def test_every_task_grades_its_reference_one_and_its_start_zero():
     async def main():
         sem = asyncio.Semaphore(4)
 
         async def one(task):
             async with sem:
-                return (task["id"], await _score(task, CodingEnv.reference_calls(task)), await _score(task, []))
+                return (task["id"], await score_calls(task, CodingEnv.reference_calls(task)), await score_calls(task, []))
 
         return await asyncio.gather(*(one(t) for t in TASKS))
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.grading import score_calls
 
 from relayrl.config import ConfigError, EnvConfig
 from relayrl.envs import taskgen
@@ -239,19 +240,6 @@ def test_every_task_passes_its_reference_and_fails_its_stub_and_wrong_solution(t
     assert bad == {}
 
 
-async def _score(task: dict, calls: list[ToolCall]) -> tuple[float, float]:
-    env = CodingEnv(sandbox={"timeout_s": 60})
-    try:
-        await env.reset(task)
-        for call in calls:
-            if (await env.step(call)).done:
-                break
-        score = await env.score()
-        return score.reward, score.details["hidden_total"]
-    finally:
-        await env.close()
-
-
 def test_a_sample_grades_right_through_the_coding_env():
     """Three tasks of different families through reset/step/score in a real local sandbox."""
     sample: list[GeneratedTask] = []
@@ -266,8 +254,8 @@ def test_a_sample_grades_right_through_the_coding_env():
         for t in sample:
             task = t.task()
             wrong = [ToolCall("write_file", {"path": "solution.py", "content": t.wrong}), ToolCall("submit", {})]
-            out.append((t.id, await _score(task, CodingEnv.reference_calls(task)), await _score(task, []),
-                        await _score(task, wrong)))
+            out.append((t.id, await score_calls(task, CodingEnv.reference_calls(task)), await score_calls(task, []),
+                        await score_calls(task, wrong)))
         return out
 
     for task_id, reference, nothing, wrong in asyncio.run(main()):

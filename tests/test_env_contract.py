@@ -42,7 +42,7 @@ def test_example_package_env_passes_through_the_cli():
     proc = subprocess.run([sys.executable, "-m", "relayrl", "envs", "check", "relayrl_sqlite_env:SqliteQueryEnv",
                            "--all-tasks"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "13 passed, 0 failed" in proc.stdout
+    assert "14 passed, 0 failed" in proc.stdout  # 13 contract checks and the env's preflight
 
 
 def test_unknown_env_is_a_user_error():
